@@ -1,0 +1,1 @@
+"""Speed benchmarks of editbench against plain diffusers/PyTorch references."""

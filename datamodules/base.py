@@ -1,0 +1,320 @@
+"""EditDataModule: the splits, paired transforms, collate and bad-sample policy every dataset shares.
+
+A dataset subclass only says where its records come from (`build_records(split)`); this module
+turns records into the sample dicts of the data contract (see DESIGN.md):
+`id`, `source`, `target`, `instruction`, and `expressive`, `mask`, `source_caption`,
+`goal_caption`, `session`, `turn`, `num_turns` where known.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+REQUIRED_KEYS = ("id", "source", "instruction")
+PATH_KEYS = ("source", "target", "mask")
+TEXT_KEYS = ("expressive", "source_caption", "goal_caption", "session")
+INT_KEYS = ("turn", "num_turns")
+
+
+class BadSampleError(ValueError):
+    """A sample whose image file is missing or cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """Returned by `EditDataset` in place of a bad sample when `on_bad_sample="skip"`."""
+
+    id: str
+    reason: str
+
+
+def required_keys(split: str) -> tuple[str, ...]:
+    """Keys a manifest record must have in `split` (training also needs a `target`)."""
+    return REQUIRED_KEYS + ("target",) if split == "train" else REQUIRED_KEYS
+
+
+def read_jsonl_manifest(
+    path: Path, root: Path, required: Sequence[str] = REQUIRED_KEYS
+) -> list[dict]:
+    """Read one JSON record per line; resolve `source`/`target`/`mask` against `root`.
+
+    Blank lines are ignored. Raises FileNotFoundError naming `path` when it is missing, and
+    ValueError naming the file, the line number and the problem (invalid JSON, not an object,
+    a missing required key).
+    """
+    path, root = Path(path), Path(root)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {lineno}: not valid JSON ({err})") from err
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {lineno}: expected a JSON object")
+            for key in required:
+                if key not in record:
+                    raise ValueError(f"{path}, line {lineno}: missing required key {key!r}")
+            for key in PATH_KEYS:
+                if record.get(key) is not None:
+                    record[key] = str(root / record[key])  # an absolute path stays as it is
+            records.append(record)
+    return records
+
+
+def build_transform(resolution: int, train: bool, random_crop: bool, random_flip: float):
+    """Resize the shorter side, crop to a square, maybe flip; one call transforms all inputs.
+
+    Source, target (`tv_tensors.Image`) and mask (`tv_tensors.Mask`, resized with nearest
+    interpolation) passed together receive the same crop and flip.
+    """
+    crop = v2.RandomCrop(resolution) if train and random_crop else v2.CenterCrop(resolution)
+    steps = [v2.Resize(resolution, antialias=True), crop]
+    if train and random_flip > 0:
+        steps.append(v2.RandomHorizontalFlip(p=random_flip))
+    return v2.Compose(steps)
+
+
+def _to_unit_range(image: torch.Tensor) -> torch.Tensor:
+    """uint8 [3,H,W] → float32 in [-1, 1] (a plain tensor)."""
+    return image.as_subclass(torch.Tensor).float() / 127.5 - 1.0
+
+
+class EditDataset(Dataset):
+    """Records → contract sample dicts, with paired transforms and the bad-sample policy.
+
+    Args:
+        records: dicts with `id`, `source` path, `instruction`, optional `target`/`mask`
+            paths and text/int fields.
+        transform: a torchvision v2 transform applied to (source, target, mask) together.
+        split: split name, used in error messages.
+        on_bad_sample: "error" raises BadSampleError; "skip" returns a SkippedSample.
+    """
+
+    def __init__(
+        self,
+        records: list[dict],
+        transform,
+        split: str,
+        on_bad_sample: Literal["error", "skip"] = "error",
+    ) -> None:
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        self.records = records
+        self.transform = transform
+        self.split = split
+        self.on_bad_sample = on_bad_sample
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _load(self, index: int, key: str, mode: str) -> torch.Tensor:
+        """Decode `record[key]` as a uint8 [C,H,W] tensor, or raise BadSampleError."""
+        record = self.records[index]
+        path = record[key]
+        try:
+            with Image.open(path) as image:
+                return F.pil_to_tensor(image.convert(mode))
+        except (OSError, ValueError, SyntaxError) as err:  # missing, truncated, undecodable
+            raise BadSampleError(
+                f"cannot read {key} image {path} (split {self.split!r}, row {index}, "
+                f"id {record.get('id')!r}): {type(err).__name__}: {err}"
+            ) from err
+
+    def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
+        record = self.records[index]
+        try:
+            images = {"source": tv_tensors.Image(self._load(index, "source", "RGB"))}
+            if record.get("target") is not None:
+                images["target"] = tv_tensors.Image(self._load(index, "target", "RGB"))
+            if record.get("mask") is not None:
+                images["mask"] = tv_tensors.Mask(self._load(index, "mask", "L"))
+            sizes = {k: tuple(v.shape[-2:]) for k, v in images.items()}
+            if len(set(sizes.values())) > 1:
+                raise BadSampleError(
+                    f"images of different sizes {sizes} (split {self.split!r}, row {index}, "
+                    f"id {record.get('id')!r}, source {record['source']})"
+                )
+        except BadSampleError as err:
+            if self.on_bad_sample == "skip":
+                return SkippedSample(str(record.get("id")), str(err))
+            raise
+        images = self.transform(images)
+        sample: dict[str, Any] = {
+            "id": str(record["id"]),
+            "source": _to_unit_range(images["source"]),
+        }
+        if "target" in images:
+            sample["target"] = _to_unit_range(images["target"])
+        sample["instruction"] = str(record["instruction"])
+        if "mask" in images:
+            sample["mask"] = (images["mask"].as_subclass(torch.Tensor) >= 128).float()
+        for key in TEXT_KEYS:
+            if record.get(key) is not None:
+                sample[key] = str(record[key])
+        for key in INT_KEYS:
+            if record.get(key) is not None:
+                sample[key] = int(record[key])
+        return sample
+
+
+def collate(samples: Iterable[dict[str, Any] | SkippedSample]) -> dict[str, Any]:
+    """Stack tensors, keep strings/ints as lists; drop skipped samples into `skipped_ids`.
+
+    A key that only some samples have becomes a list with None for the others (tensors must be
+    in every sample). If every sample was skipped the batch has `id == []` and no tensors.
+    """
+    samples = list(samples)
+    kept = [s for s in samples if not isinstance(s, SkippedSample)]
+    batch: dict[str, Any] = {}
+    for key in dict.fromkeys(k for s in kept for k in s):
+        values = [s.get(key) for s in kept]
+        if any(isinstance(v, torch.Tensor) for v in values):
+            if any(v is None for v in values):
+                missing = [s["id"] for s in kept if key not in s]
+                raise ValueError(f"tensor {key!r} missing in samples {missing}")
+            batch[key] = torch.stack(values)
+        else:
+            batch[key] = values
+    batch.setdefault("id", [])
+    batch["skipped_ids"] = [s.id for s in samples if isinstance(s, SkippedSample)]
+    return batch
+
+
+class EditDataModule(L.LightningDataModule):
+    """Base DataModule: subclasses implement `build_records(split)` and set `protocol`.
+
+    Args:
+        root: dataset folder.
+        resolution: side of the square crops fed to the model.
+        batch_size: training batch size.
+        eval_batch_size: batch size for val/test/predict (defaults to `batch_size`).
+        num_workers: DataLoader worker processes (workers persist across epochs when > 0).
+        random_flip: horizontal flip probability for training (0 disables it).
+        random_crop: random (True) or center (False) training crop after the resize.
+        max_samples: keep only the first N records of each split (None keeps all).
+        on_bad_sample: "error" raises BadSampleError on a missing or undecodable image;
+            "skip" drops the sample, lists its id in the batch's `skipped_ids` and counts it
+            in `num_skipped`.
+        predict_split: the split `predict` runs on.
+    """
+
+    protocol: str = "generic"
+
+    def __init__(
+        self,
+        root: str,
+        resolution: int = 256,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        random_flip: float = 0.5,
+        random_crop: bool = True,
+        max_samples: int | None = None,
+        on_bad_sample: Literal["error", "skip"] = "error",
+        predict_split: str = "test",
+    ) -> None:
+        super().__init__()
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        self.save_hyperparameters()
+        self.root = root
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.random_flip = random_flip
+        self.random_crop = random_crop
+        self.max_samples = max_samples
+        self.on_bad_sample = on_bad_sample
+        self.predict_split = predict_split
+        self.datasets: dict[str, EditDataset] = {}
+        self.num_skipped = 0
+        self.skipped_ids: list[str] = []
+
+    def build_records(self, split: str) -> list[dict]:
+        """Records of `split` (`id`, `source`, `instruction`, optional paths and texts)."""
+        raise NotImplementedError
+
+    def splits_for(self, stage: str | None) -> tuple[str, ...]:
+        """Splits the Lightning `stage` needs (all of train/val/test for None)."""
+        return {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": (self.predict_split,),
+        }.get(stage, SPLITS)
+
+    def make_dataset(self, split: str) -> EditDataset:
+        """An EditDataset over the (capped) records of `split` with the split's transform."""
+        records = self.build_records(split)
+        if self.max_samples is not None:
+            records = records[: self.max_samples]
+        train = split == "train"
+        transform = build_transform(self.resolution, train, self.random_crop, self.random_flip)
+        return EditDataset(records, transform, split, self.on_bad_sample)
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in self.splits_for(stage):
+            if split not in self.datasets:
+                self.datasets[split] = self.make_dataset(split)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.datasets[split] = self.make_dataset(split)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size if train else (self.eval_batch_size or self.batch_size),
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_split, train=False)
+
+    def count_skipped(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Add the batch's `skipped_ids` to `num_skipped` / `skipped_ids` and log them."""
+        ids = batch.get("skipped_ids") or []
+        if ids:
+            self.num_skipped += len(ids)
+            self.skipped_ids.extend(ids)
+            log.warning("skipped %d bad sample(s): %s", len(ids), ", ".join(ids))
+        return batch
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count skipped samples in the main process (collate runs in the workers)."""
+        if isinstance(batch, dict):
+            self.count_skipped(batch)
+        return batch

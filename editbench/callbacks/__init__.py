@@ -1,0 +1,7 @@
+"""Callbacks of the editbench application."""
+
+from editbench.callbacks.assets import EnsureTinyAssets
+from editbench.callbacks.images import EditImageLogger
+from editbench.callbacks.predictions import EditPredictionWriter
+
+__all__ = ["EditImageLogger", "EditPredictionWriter", "EnsureTinyAssets"]

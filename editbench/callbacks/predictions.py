@@ -1,0 +1,58 @@
+"""Write ``predict`` outputs: one PNG per sample named by its id, plus a JSONL index."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torchvision.utils import save_image
+
+
+class EditPredictionWriter(BasePredictionWriter):
+    """Save each edited image as ``<output_dir>/<id>.png`` and append ``id``, ``instruction``,
+    ``image`` and (where the model makes one) ``expressive`` to ``predictions.jsonl``
+    (``predictions.rank<k>.jsonl`` per process when several processes predict).
+
+    Args:
+        output_dir: where to write; ``None`` is ``<log dir>/predictions``.
+    """
+
+    def __init__(self, output_dir: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+
+    def _dir(self, trainer: L.Trainer) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        return Path(trainer.log_dir or ".") / "predictions"
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        out = self._dir(trainer)
+        out.mkdir(parents=True, exist_ok=True)
+        name = (
+            "predictions.jsonl"
+            if trainer.world_size == 1
+            else f"predictions.rank{trainer.global_rank}.jsonl"
+        )
+        self._index = out / name
+        self._index.write_text("")
+
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ) -> None:
+        out = self._dir(trainer)
+        with self._index.open("a") as index:
+            for i, sample_id in enumerate(prediction["id"]):
+                path = out / f"{sample_id}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_image((prediction["images"][i] + 1) / 2, path)
+                record = {
+                    "id": sample_id,
+                    "instruction": prediction["instruction"][i],
+                    "image": str(path.relative_to(out)),
+                }
+                if prediction.get("expressive") is not None:
+                    record["expressive"] = prediction["expressive"][i]
+                index.write(json.dumps(record) + "\n")

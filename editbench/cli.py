@@ -1,0 +1,84 @@
+"""``python -m editbench``: LightningCLI (fit, validate, test, predict) plus the suite's own
+subcommands (``edit``, ``data``, ``benchmark``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from datamodules.base import BadSampleError, EditDataModule
+from editbench.callbacks import EditImageLogger, EditPredictionWriter
+from models.base import CheckpointMismatchError, EditModel
+
+
+class EditbenchCLI(LightningCLI):
+    """LightningCLI over every :class:`EditModel` and :class:`EditDataModule` (subclass mode),
+    with OmegaConf interpolation in configs, the image logger and prediction writer always
+    present (configurable as ``image_logger.*`` and ``prediction_writer.*``) and the seed saved
+    in the run's ``config.yaml``."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            EditModel,
+            EditDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step")]},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(EditImageLogger, "image_logger")
+        parser.add_lightning_class_args(EditPredictionWriter, "prediction_writer")
+
+
+def _extra_commands() -> dict[str, Callable[[list[str]], int | None]]:
+    from editbench.commands import benchmark, data, edit
+
+    return {"edit": edit.main, "data": data.main, "benchmark": benchmark.main}
+
+
+EXTRA_HELP = """
+editbench's own subcommands (each has --help):
+  edit        edit one image with a trained checkpoint
+  data        synth | make-tiny: write the synthetic dataset or the tiny checkpoints
+  benchmark   edit latency and training-step time against plain diffusers references
+"""
+
+#: Errors that are the user's input, not a bug: printed as one line, exit status 2.
+USER_ERRORS = (
+    FileNotFoundError,
+    NotADirectoryError,
+    BadSampleError,
+    FloatingPointError,
+    CheckpointMismatchError,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from_sys = argv is None
+    argv = list(sys.argv[1:] if from_sys else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    extra = _extra_commands()
+    try:
+        if argv and argv[0] in extra:
+            return extra[argv[0]](argv[1:]) or 0
+        if not argv or argv[0] in ("-h", "--help"):
+            print(EXTRA_HELP)
+        EditbenchCLI(args=None if from_sys else argv)
+    except USER_ERRORS as err:
+        if os.environ.get("EDITBENCH_TRACEBACK"):
+            raise
+        print(f"editbench: error: {err}", file=sys.stderr)
+        print("(set EDITBENCH_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,1 @@
+"""The subcommands of ``python -m editbench`` that are not LightningCLI's."""

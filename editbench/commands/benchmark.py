@@ -1,0 +1,52 @@
+"""``python -m editbench benchmark``: edit latency and training-step time of InsPix2Pix against
+diffusers' pipeline and a hand-written diffusers training step, as ratios (target: edit ≤ 1.05,
+train step ≤ 1.10)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m editbench benchmark", description=__doc__)
+    parser.add_argument(
+        "--diffusion_path",
+        default=".cache/editbench/tiny/instruct-pix2pix",
+        help="an InstructPix2Pix folder (default: the tiny one, made if missing)",
+    )
+    parser.add_argument("--edit_batch", type=int, default=4)
+    parser.add_argument("--edit_steps", type=int, default=20)
+    parser.add_argument("--train_batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--output", default=None, help="also write the JSON result here")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    from benchmarks.bench import bench_edit, bench_train_step
+
+    args = build_parser().parse_args(argv)
+    path = Path(args.diffusion_path)
+    if not path.exists() and path.parent.name == "tiny":
+        from editbench.tiny import make_tiny
+
+        make_tiny(path.parent)
+    result = {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "diffusion_path": str(path),
+        "edit": bench_edit(path, args.edit_batch, args.edit_steps, args.repeats),
+        "train_step": bench_train_step(path, args.train_batch, args.repeats),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0

@@ -1,0 +1,288 @@
+"""EditDiffusion: the latent diffusion core every editing model in the suite shares.
+
+It owns the VAE, the 8-channel UNet and the schedulers of InstructPix2Pix (Brooks et al., 2023)
+and knows nothing about where the text condition comes from: InsPix2Pix feeds it CLIP text
+embeddings, MGIE the edit head's output, InsightEdit its bridged features. Every model therefore
+trains with the same loss and samples with the same two-scale guidance.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.schedulers import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+Generator = torch.Generator | list[torch.Generator] | None
+
+
+def widen_conv_in(unet: UNet2DConditionModel, in_channels: int = 8) -> UNet2DConditionModel:
+    """Give a Stable Diffusion UNet the extra image-condition input channels of InstructPix2Pix.
+
+    The new ``conv_in`` copies the pretrained weights into the first 4 input channels and
+    zero-initialises the rest, so the widened UNet computes exactly what the original did until
+    training teaches it to read the image latents (InstructPix2Pix, Sec. 3.2).
+    """
+    old = unet.conv_in
+    if old.in_channels == in_channels:
+        return unet
+    if old.in_channels > in_channels:
+        raise ValueError(f"cannot widen conv_in from {old.in_channels} to {in_channels} channels")
+    new = nn.Conv2d(
+        in_channels,
+        old.out_channels,
+        kernel_size=old.kernel_size,
+        stride=old.stride,
+        padding=old.padding,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=in_channels)
+    return unet
+
+
+def load_scheduler(path: str | Path, name: str | None = None, **overrides) -> SchedulerMixin:
+    """Read the scheduler config of a diffusers folder, optionally as another scheduler class.
+
+    ``name`` is a diffusers class name such as ``"DDIMScheduler"``; the checkpoint's beta
+    schedule and prediction type carry over, as with ``Scheduler.from_config`` in diffusers.
+    """
+    config = DDPMScheduler.load_config(path, subfolder="scheduler")
+    cls_name = name or config.get("_class_name", "DDPMScheduler")
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None or not issubclass(cls, SchedulerMixin):
+        raise ValueError(f"unknown diffusers scheduler {cls_name!r} (from {path}/scheduler)")
+    return cls.from_config(config, **overrides)
+
+
+@dataclass
+class DiffusionLoss:
+    """The terms of one training step; ``loss`` is what the optimizer sees."""
+
+    loss: torch.Tensor
+    timesteps: torch.Tensor
+
+
+class EditDiffusion(nn.Module):
+    """VAE + image-conditioned UNet + schedulers, with InstructPix2Pix training and sampling.
+
+    Args:
+        unet: a UNet whose ``in_channels`` is twice the VAE's latent channels.
+        vae: the autoencoder; the image condition is its *unscaled* posterior mode, the
+            denoised latent is scaled by ``vae.config.scaling_factor`` (as in the reference code).
+        scheduler: the inference scheduler (any diffusers scheduler).
+        noise_scheduler: the training scheduler (``DDPMScheduler`` on the same betas).
+        conditioning_dropout_prob: p in the InstructPix2Pix dropout (5% text, 5% image, 5% both).
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        scheduler: SchedulerMixin,
+        noise_scheduler: DDPMScheduler,
+        conditioning_dropout_prob: float = 0.05,
+    ) -> None:
+        super().__init__()
+        latent = vae.config.latent_channels
+        if unet.config.in_channels != 2 * latent:
+            raise ValueError(
+                f"UNet has {unet.config.in_channels} input channels, expected {2 * latent} "
+                f"(noisy latent + image latent); use widen_conv_in for a 4-channel UNet"
+            )
+        self.unet = unet
+        self.vae = vae
+        self.scheduler = scheduler
+        self.noise_scheduler = noise_scheduler
+        self.conditioning_dropout_prob = conditioning_dropout_prob
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        scheduler: str | None = None,
+        prediction_type: str | None = None,
+        conditioning_dropout_prob: float = 0.05,
+    ) -> EditDiffusion:
+        """Load an InstructPix2Pix folder, or a Stable Diffusion folder and widen its UNet."""
+        path = Path(path)
+        for sub in ("unet", "vae", "scheduler"):
+            if not (path / sub).is_dir():
+                raise FileNotFoundError(
+                    f"{path / sub} not found: diffusion_path must be a diffusers InstructPix2Pix "
+                    f"or Stable Diffusion folder (with unet/, vae/, scheduler/)"
+                )
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        widen_conv_in(unet, 2 * vae.config.latent_channels)
+        overrides = {"prediction_type": prediction_type} if prediction_type else {}
+        return cls(
+            unet,
+            vae,
+            load_scheduler(path, scheduler, **overrides),
+            load_scheduler(path, "DDPMScheduler", **overrides),
+            conditioning_dropout_prob,
+        )
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.vae.config.scaling_factor
+
+    def encode_condition(self, images: torch.Tensor) -> torch.Tensor:
+        """Image condition: the unscaled posterior mode of the source image in [-1, 1]."""
+        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
+
+    def encode_target(self, images: torch.Tensor, generator: Generator = None) -> torch.Tensor:
+        """Denoising target: a posterior sample of the goal image, times the scaling factor."""
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return dist.sample(generator) * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (scaled) → images in [-1, 1] (unclamped, as the VAE decodes them)."""
+        return self.vae.decode(latents / self.scaling_factor).sample
+
+    def drop_conditions(
+        self,
+        text: torch.Tensor,
+        null_text: torch.Tensor,
+        image_latents: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """InstructPix2Pix conditioning dropout with one uniform draw r per sample.
+
+        Text is replaced by the null condition when r < 2p, the image latent is zeroed when
+        p <= r < 3p: 5% text only, 5% both, 5% image only for p = 0.05.
+        """
+        p = self.conditioning_dropout_prob
+        r = torch.rand(text.shape[0], device=text.device, generator=generator)
+        drop_text = (r < 2 * p).view(-1, 1, 1)
+        text = torch.where(drop_text, null_text.expand_as(text).to(text.dtype), text)
+        keep_image = ~((r >= p) & (r < 3 * p))
+        image_latents = image_latents * keep_image.view(-1, 1, 1, 1).to(image_latents.dtype)
+        return text, image_latents
+
+    def loss(
+        self,
+        source: torch.Tensor,
+        target: torch.Tensor,
+        text: torch.Tensor,
+        null_text: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> DiffusionLoss:
+        """The denoising loss of InstructPix2Pix (Eq. 2 of Brooks et al.), ε- or v-prediction.
+
+        ``text`` is the per-sample condition [B, L, D] and ``null_text`` the dropped condition
+        [1, L, D]; images are in [-1, 1]. ``generator`` fixes noise, timesteps and dropout (for a
+        comparable validation loss).
+        """
+        with torch.no_grad():
+            latents = self.encode_target(target, generator)
+            image_latents = self.encode_condition(source)
+        noise = torch.randn(
+            latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+        )
+        timesteps = torch.randint(
+            0,
+            self.noise_scheduler.config.num_train_timesteps,
+            (latents.shape[0],),
+            generator=generator,
+            device=latents.device,
+        )
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "epsilon":
+            goal = noise
+        elif self.prediction_type == "v_prediction":
+            goal = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        if self.conditioning_dropout_prob > 0:
+            text, image_latents = self.drop_conditions(text, null_text, image_latents, generator)
+        model_input = torch.cat([noisy, image_latents.to(noisy.dtype)], dim=1)
+        pred = self.unet(model_input, timesteps, encoder_hidden_states=text, return_dict=False)[0]
+        loss = nn.functional.mse_loss(pred.float(), goal.float())
+        return DiffusionLoss(loss=loss, timesteps=timesteps)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        source: torch.Tensor,
+        text: torch.Tensor,
+        null_text: torch.Tensor,
+        *,
+        num_inference_steps: int = 100,
+        guidance_scale: float = 7.5,
+        image_guidance_scale: float = 1.5,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+        scheduler: SchedulerMixin | None = None,
+    ) -> torch.Tensor:
+        """Edit ``source`` (images in [-1, 1]) under text condition ``text``; returns [-1, 1].
+
+        Two-scale classifier-free guidance of InstructPix2Pix (Eq. 3 of Brooks et al.):
+        ε = ε(∅, ∅) + αV·(ε(cI, ∅) − ε(∅, ∅)) + αX·(ε(cI, cT) − ε(cI, ∅)), with αV =
+        ``image_guidance_scale`` and αX = ``guidance_scale``. The three branches
+        ``[(cI, cT), (cI, ∅), (∅, ∅)]`` run in one batched UNet call per step. Random numbers are
+        drawn in the order of diffusers' ``StableDiffusionInstructPix2PixPipeline`` (initial
+        latents first, then the scheduler's own draws), so the same generator reproduces it.
+        """
+        scheduler = copy.deepcopy(scheduler or self.scheduler)
+        device, dtype = source.device, text.dtype
+        batch = source.shape[0]
+        guided = guidance_scale > 1.0 and image_guidance_scale >= 1.0
+
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        image_latents = self.encode_condition(source).to(dtype)
+        if guided:
+            null = null_text.expand(batch, -1, -1).to(dtype)
+            text = torch.cat([text, null, null])
+            image_latents = torch.cat(
+                [image_latents, image_latents, torch.zeros_like(image_latents)]
+            )
+        shape = (batch, self.vae.config.latent_channels, *image_latents.shape[-2:])
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        latents = latents * scheduler.init_noise_sigma
+        step_kwargs = _step_kwargs(scheduler, generator)
+
+        for t in scheduler.timesteps:
+            model_input = torch.cat([latents] * 3) if guided else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            model_input = torch.cat([model_input, image_latents], dim=1)
+            eps = self.unet(model_input, t, encoder_hidden_states=text, return_dict=False)[0]
+            if guided:
+                eps_text, eps_image, eps_uncond = eps.chunk(3)
+                eps = (
+                    eps_uncond
+                    + guidance_scale * (eps_text - eps_image)
+                    + image_guidance_scale * (eps_image - eps_uncond)
+                )
+            latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+        return self.decode(latents.to(self.vae.dtype))
+
+
+def _step_kwargs(scheduler: SchedulerMixin, generator: Generator) -> dict:
+    """Pass ``generator`` (and eta = 0) only to schedulers whose ``step`` accepts them."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "eta" in params:
+        kwargs["eta"] = 0.0
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs

@@ -1,0 +1,128 @@
+"""InsPix2Pix: InstructPix2Pix (Brooks et al., 2023), the CLIP-text baseline of MGIE's tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, CLIPTextModel
+
+from models.base import EditModel, EditOutput
+from models.diffusion import EditDiffusion
+
+
+class InsPix2Pix(EditModel):
+    """CLIP text encoder → :class:`EditDiffusion`.
+
+    Args:
+        diffusion_path: a diffusers InstructPix2Pix folder (the layout of
+            ``timbrooks/instruct-pix2pix``) or a Stable Diffusion v1.5 folder, whose 4-channel
+            UNet is then widened to 8 input channels (zero-initialised extra channels).
+        scheduler: diffusers scheduler class for sampling (e.g. ``DDIMScheduler``); ``None``
+            takes the folder's own (Euler ancestral for InstructPix2Pix).
+        prediction_type: ``epsilon`` or ``v_prediction``; ``None`` takes the folder's.
+        conditioning_dropout_prob: p of the conditioning dropout (p text, p image, p both).
+        train_text_encoder: also train the CLIP text encoder (frozen in the paper).
+        **kwargs: the :class:`EditModel` arguments (learning rate, guidance scales, metrics, ...).
+    """
+
+    def __init__(
+        self,
+        diffusion_path: str,
+        scheduler: str | None = None,
+        prediction_type: str | None = None,
+        conditioning_dropout_prob: float = 0.05,
+        train_text_encoder: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        self.diffusion_path = diffusion_path
+        self.scheduler_name = scheduler
+        self.prediction_type = prediction_type
+        self.conditioning_dropout_prob = conditioning_dropout_prob
+        self.train_text_encoder = train_text_encoder
+        self.frozen_modules = ("diffusion.vae",) + (() if train_text_encoder else ("text_encoder",))
+        self.diffusion: EditDiffusion | None = None
+        self.text_encoder: CLIPTextModel | None = None
+        self.tokenizer = None
+
+    def configure_model(self) -> None:
+        if self.diffusion is not None:
+            return
+        path = Path(self.diffusion_path)
+        if not (path / "text_encoder").is_dir() or not (path / "tokenizer").is_dir():
+            raise FileNotFoundError(
+                f"{path}: diffusion_path must be a diffusers InstructPix2Pix or Stable Diffusion "
+                f"folder with text_encoder/ and tokenizer/ (e.g. a local copy of "
+                f"timbrooks/instruct-pix2pix, or `python -m editbench data make-tiny`)"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+        self.diffusion = EditDiffusion.from_pretrained(
+            path,
+            scheduler=self.scheduler_name,
+            prediction_type=self.prediction_type,
+            conditioning_dropout_prob=self.conditioning_dropout_prob,
+        )
+        self.diffusion.vae.requires_grad_(False).eval()
+        self.text_encoder.requires_grad_(self.train_text_encoder)
+        if not self.train_text_encoder:
+            self.text_encoder.eval()
+
+    def train(self, mode: bool = True):
+        """Frozen submodules stay in eval mode (no dropout) while the rest trains."""
+        super().train(mode)
+        if self.diffusion is not None:
+            self.diffusion.vae.eval()
+            if not self.train_text_encoder:
+                self.text_encoder.eval()
+        return self
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP last hidden states [B, 77, D] of padded prompts, as the diffusers pipeline does."""
+        tokens = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(self.device)
+        return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
+
+    def training_losses(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            text = self.encode_text(batch["instruction"])
+            null = self.encode_text([""])
+        out = self.diffusion.loss(batch["source"], batch["target"], text, null, generator=generator)
+        return {"loss": out.loss, "loss_edit": out.loss.detach()}
+
+    @torch.no_grad()
+    def edit(
+        self,
+        source: torch.Tensor,
+        instructions: Sequence[str],
+        *,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> EditOutput:
+        text = self.encode_text(instructions)
+        null = self.encode_text([""])
+        images = self.diffusion.sample(
+            source.to(self.device),
+            text,
+            null,
+            num_inference_steps=num_inference_steps or self.num_inference_steps,
+            guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
+            image_guidance_scale=(
+                self.image_guidance_scale if image_guidance_scale is None else image_guidance_scale
+            ),
+            generator=generator,
+        )
+        return EditOutput(images=images)
