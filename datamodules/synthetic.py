@@ -528,30 +528,36 @@ def _generate_split(
     seen: set[bytes],
     pool: ThreadPoolExecutor,
 ) -> list[Future]:
-    """Draw `count` new samples of `split`, queue their PNGs on `pool`, write the manifest."""
-    if True:
-        rng = np.random.default_rng(stream)
-        folder = root / "images" / split
-        folder.mkdir(parents=True, exist_ok=True)
-        lines, writes = [], []
-        for index in range(count):
-            while True:
-                sample = make_sample(rng, resolution)
-                key = hashlib.sha1(sample.source.tobytes() + sample.instruction.encode()).digest()
-                if key not in seen:
-                    seen.add(key)
-                    break
-            record = {"id": f"synthetic-{split}-{index:06d}"}
-            for name in ("source", "target", "mask"):
-                rel = f"images/{split}/{index:06d}_{name}.png"
-                image = Image.fromarray(getattr(sample, name))
-                writes.append(pool.submit(image.save, root / rel, compress_level=1))
-                record[name] = rel
-            for name in ("instruction", "expressive", "source_caption", "goal_caption", "edit"):
-                record[name] = getattr(sample, name)
-            lines.append(json.dumps(record) + "\n")
-        _write_atomic(root / f"{split}.jsonl", "".join(lines))
-        return writes
+    """Draw `count` new samples of `split`, queue their PNGs on `pool`, write the manifest.
+
+    Returns the PNG writes still pending.
+    """
+    rng = np.random.default_rng(stream)
+    folder = root / "images" / split
+    folder.mkdir(parents=True, exist_ok=True)
+    lines, writes = [], []
+    for index in range(count):
+        while True:
+            sample = make_sample(rng, resolution)
+            key = hashlib.sha1(sample.source.tobytes() + sample.instruction.encode()).digest()
+            if key not in seen:
+                seen.add(key)
+                break
+        record = {"id": f"synthetic-{split}-{index:06d}"}
+        for name in ("source", "target", "mask"):
+            rel = f"images/{split}/{index:06d}_{name}.png"
+            image = Image.fromarray(getattr(sample, name))
+            writes.append(pool.submit(image.save, root / rel, compress_level=1))
+            record[name] = rel
+        if len(writes) >= 512:  # bound the images held in memory
+            for write in writes:
+                write.result()
+            writes.clear()
+        for name in ("instruction", "expressive", "source_caption", "goal_caption", "edit"):
+            record[name] = getattr(sample, name)
+        lines.append(json.dumps(record) + "\n")
+    _write_atomic(root / f"{split}.jsonl", "".join(lines))
+    return writes
 
 
 # --------------------------------------------------------------------------- datamodule

@@ -126,7 +126,9 @@ class EditModel(L.LightningModule):
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     # ----------------------------------------------------------------- training
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if not batch["id"]:  # every sample of the batch was skipped (on_bad_sample: skip)
+            return None
         losses = self.training_losses(batch)
         self._check_finite(losses, batch)
         bs = len(batch["id"])

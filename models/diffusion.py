@@ -16,6 +16,7 @@ from pathlib import Path
 import diffusers
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.schedulers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
@@ -154,6 +155,18 @@ class EditDiffusion(nn.Module):
         dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         return dist.sample(generator) * self.scaling_factor
 
+    def encode_pair(
+        self, target: torch.Tensor, source: torch.Tensor, generator: Generator = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``encode_target(target)`` and ``encode_condition(source)`` in one VAE call (the
+        encoder's cost is per image, its overhead per call); same random draws as the two."""
+        params = self.vae.encode(
+            torch.cat([target, source]).to(self.vae.dtype)
+        ).latent_dist.parameters
+        goal, cond = params.chunk(2)
+        latents = DiagonalGaussianDistribution(goal).sample(generator) * self.scaling_factor
+        return latents, DiagonalGaussianDistribution(cond).mode()
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (scaled) → images in [-1, 1] (unclamped, as the VAE decodes them)."""
         return self.vae.decode(latents / self.scaling_factor).sample
@@ -193,8 +206,7 @@ class EditDiffusion(nn.Module):
         comparable validation loss).
         """
         with torch.no_grad():
-            latents = self.encode_target(target, generator)
-            image_latents = self.encode_condition(source)
+            latents, image_latents = self.encode_pair(target, source, generator)
         noise = torch.randn(
             latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
         )

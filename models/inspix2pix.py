@@ -47,6 +47,7 @@ class InsPix2Pix(EditModel):
         self.diffusion: EditDiffusion | None = None
         self.text_encoder: CLIPTextModel | None = None
         self.tokenizer = None
+        self._null_text: torch.Tensor | None = None
 
     def configure_model(self) -> None:
         if self.diffusion is not None:
@@ -94,10 +95,20 @@ class InsPix2Pix(EditModel):
             mask = tokens.attention_mask.to(self.device)
         return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
 
+    def null_text(self) -> torch.Tensor:
+        """Embedding of the empty prompt [1, 77, D] (the dropped and unconditional text); cached
+        while the text encoder is frozen."""
+        if self.train_text_encoder:
+            return self.encode_text([""])
+        if self._null_text is None or self._null_text.device != self.device:
+            with torch.no_grad():
+                self._null_text = self.encode_text([""])
+        return self._null_text
+
     def training_losses(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             text = self.encode_text(batch["instruction"])
-            null = self.encode_text([""])
+            null = self.null_text()
         out = self.diffusion.loss(batch["source"], batch["target"], text, null, generator=generator)
         return {"loss": out.loss, "loss_edit": out.loss.detach()}
 
@@ -113,7 +124,7 @@ class InsPix2Pix(EditModel):
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> EditOutput:
         text = self.encode_text(instructions)
-        null = self.encode_text([""])
+        null = self.null_text()
         images = self.diffusion.sample(
             source.to(self.device),
             text,

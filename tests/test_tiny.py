@@ -18,7 +18,7 @@ from datamodules.synthetic import sample_images, text_corpus
 from editbench import tiny
 from editbench.tiny import FOLDERS, make_tiny
 
-STEPS = 12  # enough to show the fit working, small enough for a fast suite
+STEPS = 8  # enough to show the fit working, small enough for a fast suite
 
 
 def _build(out: Path, seed: int = 0, vae_steps: int = STEPS) -> dict:
@@ -355,6 +355,16 @@ def test_mismatched_folder_raises(built, kwargs, field):
     with pytest.raises(ValueError, match=field) as error:
         make_tiny(out, log=lambda _msg: None, **args)
     assert str(out) in str(error.value) and "overwrite" in str(error.value)
+
+
+def test_changed_corpus_raises(built, monkeypatch):
+    import datamodules.synthetic
+
+    out, _ = built
+    monkeypatch.setattr(datamodules.synthetic, "text_corpus", lambda: ["a new phrase"])
+    with pytest.raises(ValueError, match="corpus") as error:
+        make_tiny(out, vae_steps=STEPS, log=lambda _msg: None)
+    assert str(out) in str(error.value)
 
 
 def test_incomplete_or_overwritten_folder_is_rebuilt(built, tmp_path, monkeypatch):
