@@ -3,10 +3,13 @@ subcommands (``edit``, ``data``, ``benchmark``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -36,9 +39,42 @@ class EditbenchCLI(LightningCLI):
             run=run,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would overwrite the parsed model with the checkpoint's hyperparameters, so
+        ``test --ckpt_path X --model.init_args.guidance_scale 3`` would silently test at the
+        trained value. :func:`main` instead puts the checkpoint's model and data *before* the
+        user's arguments, so a config file or an explicit flag wins."""
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(EditImageLogger, "image_logger")
         parser.add_lightning_class_args(EditPredictionWriter, "prediction_writer")
+
+
+def checkpoint_defaults(argv: Sequence[str]) -> list[str]:
+    """``--model``/``--data`` arguments rebuilding what a checkpoint's run used, for
+    ``validate``/``test``/``predict`` with ``--ckpt_path`` (or its abbreviation ``--ckpt``).
+
+    They go before the user's arguments: the checkpoint supplies every field, and a ``-c``
+    file or a flag overrides any of them (an evaluation at another αX needs no new config).
+    """
+    if not argv or argv[0] not in ("validate", "test", "predict"):
+        return []
+    path = None
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in ("--ckpt_path", "--ckpt"):
+            path = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    if path is None or not Path(path).is_file():
+        return []
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    extra = []
+    for key, flag in (("hyper_parameters", "--model"), ("datamodule_hyper_parameters", "--data")):
+        hparams = dict(checkpoint.get(key) or {})
+        hparams.pop("_instantiator", None)
+        class_path = hparams.pop("_class_path", None)
+        if class_path:
+            extra += [flag, json.dumps({"class_path": class_path, "init_args": hparams})]
+    return extra
 
 
 def _extra_commands() -> dict[str, Callable[[list[str]], int | None]]:
@@ -74,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return extra[argv[0]](argv[1:]) or 0
         if not argv or argv[0] in ("-h", "--help"):
             print(EXTRA_HELP)
+        defaults = checkpoint_defaults(argv)
+        if defaults:
+            argv = [argv[0], *defaults, *argv[1:]]
+            from_sys = False
         EditbenchCLI(args=None if from_sys else argv)
     except USER_ERRORS as err:
         if os.environ.get("EDITBENCH_TRACEBACK"):

@@ -11,10 +11,11 @@ import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
-from metrics.pixel import L1, SSIM, MaskedL1
+from metrics.pixel import L1, SSIM, MaskedL1, at_least_float32
 
 #: name -> Metric class. Add metrics with :func:`register_metric`.
 METRICS: dict[str, type[Metric]] = {"L1": L1, "L1_edit": MaskedL1, "SSIM": SSIM}
@@ -109,6 +110,11 @@ def update_edit_metrics(
             (``L1_edit``): build the collection without it for datasets that have no masks,
             rather than reporting an edit-region L1 over no region.
     """
+    with torch.autocast(device_type=preds.device.type, enabled=False):
+        _update(collection, at_least_float32(preds), at_least_float32(target), mask)
+
+
+def _update(collection: MetricCollection, preds: Tensor, target: Tensor, mask: Tensor | None) -> None:
     if mask is None:
         needing = [
             name

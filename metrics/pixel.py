@@ -71,6 +71,11 @@ def _check_pair(preds: Tensor, target: Tensor) -> None:
         )
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """Promote half and bfloat16 tensors to float32; leave float32/float64 as they are."""
+    return x.float() if x.is_floating_point() and x.element_size() < 4 else x
+
+
 def prepare_pair(
     preds: Tensor, target: Tensor, resize_mode: ResizeMode = "bicubic"
 ) -> tuple[Tensor, Tensor]:
@@ -265,7 +270,16 @@ class SSIM(Metric):
         )
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        """Add a batch: ``preds`` and ``target`` are ``[B, C, H, W]`` in ``[-1, 1]``."""
+        """Add a batch: ``preds`` and ``target`` are ``[B, C, H, W]`` in ``[-1, 1]``.
+
+        Computed in float32 with autocast disabled: under a bf16 autocast (a model tested with
+        ``precision: bf16-mixed``) the gaussian convolutions would run in bf16 and SSIM's
+        variance terms lose all precision (the copy baseline's 0.91 read as -0.46 on a GPU).
+        """
+        with torch.autocast(device_type=preds.device.type, enabled=False):
+            self._update(at_least_float32(preds), at_least_float32(target))
+
+    def _update(self, preds: Tensor, target: Tensor) -> None:
         preds01, target01 = prepare_pair(preds, target, self.resize_mode)
         if min(target01.shape[-2:]) < SSIM_KERNEL_SIZE:
             raise ValueError(

@@ -251,7 +251,7 @@ class EditModel(L.LightningModule):
                 f"{n:<{width}}{results.get(f'test/{n}', float('nan')):>10.4f}"
                 f"{results.get(f'test/copy/{n}', float('nan')):>12.4f}"
             )
-        rank_zero_info("\n".join(lines))
+        print("\n".join(lines), flush=True)
         log_dir = self.trainer.log_dir
         if log_dir is not None:
             path = Path(log_dir) / "test_metrics.json"

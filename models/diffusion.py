@@ -130,13 +130,12 @@ class EditDiffusion(nn.Module):
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
         widen_conv_in(unet, 2 * vae.config.latent_channels)
         overrides = {"prediction_type": prediction_type} if prediction_type else {}
-        return cls(
-            unet,
-            vae,
-            load_scheduler(path, scheduler, **overrides),
-            load_scheduler(path, "DDPMScheduler", **overrides),
-            conditioning_dropout_prob,
-        )
+        # Schedulers compute their tables with numpy: build them on the CPU even when Lightning
+        # has made the GPU the default device for configure_model.
+        with torch.device("cpu"):
+            inference = load_scheduler(path, scheduler, **overrides)
+            training = load_scheduler(path, "DDPMScheduler", **overrides)
+        return cls(unet, vae, inference, training, conditioning_dropout_prob)
 
     @property
     def prediction_type(self) -> str:
@@ -184,7 +183,9 @@ class EditDiffusion(nn.Module):
         p <= r < 3p: 5% text only, 5% both, 5% image only for p = 0.05.
         """
         p = self.conditioning_dropout_prob
-        r = torch.rand(text.shape[0], device=text.device, generator=generator)
+        r = torch.rand(text.shape[0], device=_draw_device(generator, text), generator=generator).to(
+            text.device
+        )
         drop_text = (r < 2 * p).view(-1, 1, 1)
         text = torch.where(drop_text, null_text.expand_as(text).to(text.dtype), text)
         keep_image = ~((r >= p) & (r < 3 * p))
@@ -207,16 +208,17 @@ class EditDiffusion(nn.Module):
         """
         with torch.no_grad():
             latents, image_latents = self.encode_pair(target, source, generator)
-        noise = torch.randn(
+        noise = randn_tensor(
             latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
         )
+        steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(
             0,
-            self.noise_scheduler.config.num_train_timesteps,
+            steps,
             (latents.shape[0],),
             generator=generator,
-            device=latents.device,
-        )
+            device=_draw_device(generator, latents),
+        ).to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.prediction_type == "epsilon":
             goal = noise
@@ -255,12 +257,16 @@ class EditDiffusion(nn.Module):
         latents first, then the scheduler's own draws), so the same generator reproduces it.
         """
         scheduler = copy.deepcopy(scheduler or self.scheduler)
-        device, dtype = source.device, text.dtype
+        # Latents, guidance and scheduler arithmetic stay in float32 whatever the UNet's
+        # precision: under bf16 the αX-amplified branch differences would swamp the edit.
+        device, dtype = source.device, torch.float32
+        unet_dtype = self.unet.dtype
         batch = source.shape[0]
         guided = guidance_scale > 1.0 and image_guidance_scale >= 1.0
 
         scheduler.set_timesteps(num_inference_steps, device=device)
         image_latents = self.encode_condition(source).to(dtype)
+        text = text.to(dtype)
         if guided:
             null = null_text.expand(batch, -1, -1).to(dtype)
             text = torch.cat([text, null, null])
@@ -276,8 +282,11 @@ class EditDiffusion(nn.Module):
         for t in scheduler.timesteps:
             model_input = torch.cat([latents] * 3) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            model_input = torch.cat([model_input, image_latents], dim=1)
-            eps = self.unet(model_input, t, encoder_hidden_states=text, return_dict=False)[0]
+            model_input = torch.cat([model_input, image_latents], dim=1).to(unet_dtype)
+            eps = self.unet(
+                model_input, t, encoder_hidden_states=text.to(unet_dtype), return_dict=False
+            )[0]
+            eps = eps.float()
             if guided:
                 eps_text, eps_image, eps_uncond = eps.chunk(3)
                 eps = (
@@ -287,6 +296,12 @@ class EditDiffusion(nn.Module):
                 )
             latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
         return self.decode(latents.to(self.vae.dtype))
+
+
+def _draw_device(generator: torch.Generator | None, like: torch.Tensor) -> torch.device:
+    """Where to draw random numbers: on the generator's device if one is given (a CPU
+    generator then reproduces the same numbers on any accelerator), else beside ``like``."""
+    return generator.device if generator is not None else like.device
 
 
 def _step_kwargs(scheduler: SchedulerMixin, generator: Generator) -> dict:

@@ -81,25 +81,29 @@ def test_fit_writes_config_with_seed_checkpoint_and_tensorboard(trained):
 def test_test_with_ckpt_abbreviation_writes_metrics(trained, tiny_dir, synthetic_root, capsys):
     """The brief's `test --ckpt ...` (argparse abbreviation of --ckpt_path) works."""
     runs, _, ckpt = trained
-    assert (
-        main(
-            ["test", "-c", CONFIG, *overrides(tiny_dir, synthetic_root, runs), "--ckpt", str(ckpt)]
-        )
-        == 0
-    )
+    assert main(["test", "-c", CONFIG, *overrides(tiny_dir, synthetic_root, runs), "--ckpt", str(ckpt)]) == 0
     files = sorted(runs.glob("tiny_inspix2pix/version_*/test_metrics.json"))
     assert files
     metrics = json.loads(files[-1].read_text())
-    for key in (
-        "test/L1",
-        "test/L1_edit",
-        "test/SSIM",
-        "test/copy/L1",
-        "test/copy/L1_edit",
-        "test/copy/SSIM",
-    ):
+    for key in ("test/L1", "test/L1_edit", "test/SSIM", "test/copy/L1", "test/copy/L1_edit", "test/copy/SSIM"):
         assert key in metrics and metrics[key] == metrics[key]  # present and not NaN
     assert 0 < metrics["test/copy/L1"] < metrics["test/copy/L1_edit"]  # edits are local
+    assert "copy input" in capsys.readouterr().out
+
+
+def test_test_from_checkpoint_alone_and_flags_override_it(trained, tmp_path):
+    """`test --ckpt_path X` needs no config (model and data come from the checkpoint), and an
+    explicit flag beats the checkpoint's value (Lightning's default is the reverse)."""
+    _, _, ckpt = trained
+    args = ["test", "--ckpt_path", str(ckpt), "--model.init_args.guidance_scale", "3.25",
+            "--model.init_args.num_inference_steps", "2", "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.enable_progress_bar", "false"]
+    assert main(args) == 0
+    config = next(tmp_path.rglob("config.yaml")).read_text()
+    assert "guidance_scale: 3.25" in config
+    assert "num_inference_steps: 2" in config
+    assert "SyntheticEditDataModule" in config and "instruct-pix2pix" in config
+    assert next(tmp_path.rglob("test_metrics.json")).is_file()
 
 
 def test_predict_writes_pngs_and_jsonl(trained, tiny_dir, synthetic_root, tmp_path):

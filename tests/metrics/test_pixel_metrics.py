@@ -298,3 +298,15 @@ def test_ssim_resizes_preds_to_target_size(rng):
 def test_ssim_rejects_images_smaller_than_the_window():
     with pytest.raises(ValueError, match="at least 11x11"):
         SSIM().update(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+
+
+def test_ssim_is_float32_under_bf16_autocast():
+    """A bf16-mixed test run must score the same SSIM as a float32 one."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+    preds = (target + 0.1 * torch.randn(4, 3, 32, 32, generator=g)).clamp(-1, 1)
+    expected = SSIM()(preds, target)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = SSIM()(preds, target)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
