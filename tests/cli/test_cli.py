@@ -247,3 +247,10 @@ def test_python_m_entry_point_help():
     assert out.returncode == 0
     for word in ("fit", "test", "predict", "edit", "data", "benchmark"):
         assert word in out.stdout
+
+
+def test_data_synth_command(tmp_path, capsys):
+    root = tmp_path / "synth"
+    assert main(["data", "synth", "--root", str(root), "--num_train", "6", "--num_val", "2", "--num_test", "2"]) == 0
+    assert len((root / "train.jsonl").read_text().splitlines()) == 6
+    assert str(root) in capsys.readouterr().out
