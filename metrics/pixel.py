@@ -144,7 +144,7 @@ class L1(Metric):
         return self.sum_l1 / self.num_images
 
 
-class MaskedL1(Metric):
+class MaskedL1(L1):
     """L1 inside the edit region (reported as ``L1_edit``), on ``[0, 1]`` images.
 
     ``update(preds, target, mask)`` takes a ``mask`` of shape ``[B, 1, H, W]`` at the target's
@@ -165,24 +165,10 @@ class MaskedL1(Metric):
         resize_mode: ``"bicubic"`` (default) or ``"bilinear"``, used only on a size mismatch.
     """
 
-    is_differentiable = True
-    higher_is_better = False
-    full_state_update = False
-    plot_lower_bound = 0.0
-    plot_upper_bound = 1.0
-
-    sum_l1: Tensor
-    num_images: Tensor
     num_empty: Tensor
 
     def __init__(self, resize_mode: ResizeMode = "bicubic", **kwargs) -> None:
-        super().__init__(**kwargs)
-        _check_resize_mode(resize_mode)
-        self.resize_mode = resize_mode
-        self.add_state("sum_l1", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state(
-            "num_images", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum"
-        )
+        super().__init__(resize_mode, **kwargs)
         self.add_state("num_empty", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: Tensor, target: Tensor, mask: Tensor) -> None:
