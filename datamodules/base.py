@@ -82,6 +82,15 @@ def read_jsonl_manifest(
     return records
 
 
+def read_expressive(path: Path) -> dict[str, str]:
+    """`{id: expressive}` from a JSONL file of `{"id", "expressive"}` objects; errors name the
+    file and line."""
+    table: dict[str, str] = {}
+    for record in read_jsonl_manifest(path, path.parent, required=("id", "expressive")):
+        table[str(record["id"])] = str(record["expressive"])
+    return table
+
+
 def build_transform(resolution: int, train: bool, random_crop: bool, random_flip: float):
     """Resize the shorter side, crop to a square, maybe flip; one call transforms all inputs.
 
@@ -217,6 +226,11 @@ class EditDataModule(L.LightningDataModule):
             "skip" drops the sample, lists its id in the batch's `skipped_ids` and counts it
             in `num_skipped`.
         predict_split: the split `predict` runs on.
+        expressive_path: a JSONL file of `{"id": ..., "expressive": ...}` lines (as
+            `python -m editbench data expressive` writes) that fills each sample's `expressive`
+            instruction by id; a sample whose id is absent is an error naming it, unless
+            `on_missing_expressive="keep"` (the sample keeps what its dataset gave it).
+        on_missing_expressive: "error" or "keep", for ids absent from `expressive_path`.
     """
 
     protocol: str = "generic"
@@ -233,6 +247,8 @@ class EditDataModule(L.LightningDataModule):
         max_samples: int | None = None,
         on_bad_sample: Literal["error", "skip"] = "error",
         predict_split: str = "test",
+        expressive_path: str | None = None,
+        on_missing_expressive: Literal["error", "keep"] = "error",
     ) -> None:
         super().__init__()
         if on_bad_sample not in ("error", "skip"):
@@ -248,6 +264,9 @@ class EditDataModule(L.LightningDataModule):
         self.max_samples = max_samples
         self.on_bad_sample = on_bad_sample
         self.predict_split = predict_split
+        self.expressive_path = expressive_path
+        self.on_missing_expressive = on_missing_expressive
+        self._expressive: dict[str, str] | None = None
         self.datasets: dict[str, EditDataset] = {}
         self.num_skipped = 0
         self.skipped_ids: list[str] = []
@@ -270,9 +289,28 @@ class EditDataModule(L.LightningDataModule):
         records = self.build_records(split)
         if self.max_samples is not None:
             records = records[: self.max_samples]
+        if self.expressive_path is not None:
+            records = self.attach_expressive(records, split)
         train = split == "train"
         transform = build_transform(self.resolution, train, self.random_crop, self.random_flip)
         return EditDataset(records, transform, split, self.on_bad_sample)
+
+    def attach_expressive(self, records: list[dict], split: str) -> list[dict]:
+        """Fill `expressive` of each record from `expressive_path`, by sample id."""
+        if self._expressive is None:
+            self._expressive = read_expressive(Path(self.expressive_path))
+        missing = [r["id"] for r in records if str(r["id"]) not in self._expressive]
+        if missing and self.on_missing_expressive == "error":
+            shown = ", ".join(map(str, missing[:5]))
+            raise ValueError(
+                f"{self.expressive_path} has no expressive instruction for {len(missing)} of the "
+                f"{len(records)} {split!r} samples (e.g. {shown}); write them with "
+                f"`python -m editbench data expressive` or set on_missing_expressive: keep"
+            )
+        return [
+            {**r, "expressive": self._expressive[str(r["id"])]} if str(r["id"]) in self._expressive else r
+            for r in records
+        ]
 
     def setup(self, stage: str | None = None) -> None:
         for split in self.splits_for(stage):

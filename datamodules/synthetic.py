@@ -20,7 +20,6 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -569,21 +568,16 @@ class SyntheticEditDataModule(EditDataModule):
     Args:
         root: folder of the generated data (created by `prepare_data`).
         resolution: side of the square crops fed to the model.
-        batch_size: training batch size.
-        eval_batch_size: batch size for val/test/predict (defaults to `batch_size`).
-        num_workers: DataLoader worker processes.
         random_flip: horizontal flip probability for training. 0 by default because the
             instructions and descriptions name left/right positions ("move the red circle to
             the top left"), which a flip would make wrong.
-        random_crop: random (True) or center (False) training crop.
-        max_samples: keep only the first N records of each split.
-        on_bad_sample: "error" raises on an unreadable sample, "skip" drops and counts it.
-        predict_split: split used by `predict`.
         num_train: number of generated training samples.
         num_val: number of generated validation samples.
         num_test: number of generated test samples.
         seed: generator seed (each split draws from its own child stream).
         generate_resolution: resolution the images are rendered at (defaults to `resolution`).
+        **kwargs: the shared :class:`EditDataModule` fields (batch sizes, workers, crop,
+            `max_samples`, `on_bad_sample`, `expressive_path`, ...).
     """
 
     protocol = "synthetic"
@@ -592,32 +586,15 @@ class SyntheticEditDataModule(EditDataModule):
         self,
         root: str,
         resolution: int = 256,
-        batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
         random_flip: float = 0.0,
-        random_crop: bool = True,
-        max_samples: int | None = None,
-        on_bad_sample: Literal["error", "skip"] = "error",
-        predict_split: str = "test",
         num_train: int = 4000,
         num_val: int = 200,
         num_test: int = 200,
         seed: int = 0,
         generate_resolution: int | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            root=root,
-            resolution=resolution,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            random_flip=random_flip,
-            random_crop=random_crop,
-            max_samples=max_samples,
-            on_bad_sample=on_bad_sample,
-            predict_split=predict_split,
-        )
+        super().__init__(root=root, resolution=resolution, random_flip=random_flip, **kwargs)
         self.num_train = num_train
         self.num_val = num_val
         self.num_test = num_test
