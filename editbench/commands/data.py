@@ -58,7 +58,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("--overwrite", action="store_true")
     tiny.set_defaults(func=_make_tiny)
+    for name, text in (
+        ("inspect", "per-split counts, fields and a PNG grid of samples"),
+        ("verify", "decode every sample; report missing/corrupt files, duplicate ids, counts"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument(
+            "-c", "--config", required=True, help="a fit config (its data section is used)"
+        )
+        cmd.add_argument(
+            "overrides", nargs="*", help="extra CLI overrides, e.g. --data.init_args.root=DIR"
+        )
+        if name == "inspect":
+            cmd.add_argument("--output", default="inspect.png", help="PNG grid to write")
+            cmd.add_argument("--per_split", type=int, default=4)
+        else:
+            cmd.add_argument("--checksums", default=None, help="write a sha256 manifest here")
+            cmd.add_argument("--num_workers", type=int, default=0)
+        cmd.set_defaults(func=_inspect_or_verify)
     return parser
+
+
+def _inspect_or_verify(args: argparse.Namespace) -> int:
+    from editbench.commands.inspect_data import main as run
+
+    return run(args)
 
 
 def main(argv: list[str]) -> int:

@@ -81,11 +81,23 @@ def test_fit_writes_config_with_seed_checkpoint_and_tensorboard(trained):
 def test_test_with_ckpt_abbreviation_writes_metrics(trained, tiny_dir, synthetic_root, capsys):
     """The brief's `test --ckpt ...` (argparse abbreviation of --ckpt_path) works."""
     runs, _, ckpt = trained
-    assert main(["test", "-c", CONFIG, *overrides(tiny_dir, synthetic_root, runs), "--ckpt", str(ckpt)]) == 0
+    assert (
+        main(
+            ["test", "-c", CONFIG, *overrides(tiny_dir, synthetic_root, runs), "--ckpt", str(ckpt)]
+        )
+        == 0
+    )
     files = sorted(runs.glob("tiny_inspix2pix/version_*/test_metrics.json"))
     assert files
     metrics = json.loads(files[-1].read_text())
-    for key in ("test/L1", "test/L1_edit", "test/SSIM", "test/copy/L1", "test/copy/L1_edit", "test/copy/SSIM"):
+    for key in (
+        "test/L1",
+        "test/L1_edit",
+        "test/SSIM",
+        "test/copy/L1",
+        "test/copy/L1_edit",
+        "test/copy/SSIM",
+    ):
         assert key in metrics and metrics[key] == metrics[key]  # present and not NaN
     assert 0 < metrics["test/copy/L1"] < metrics["test/copy/L1_edit"]  # edits are local
     assert "copy input" in capsys.readouterr().out
@@ -95,9 +107,19 @@ def test_test_from_checkpoint_alone_and_flags_override_it(trained, tmp_path):
     """`test --ckpt_path X` needs no config (model and data come from the checkpoint), and an
     explicit flag beats the checkpoint's value (Lightning's default is the reverse)."""
     _, _, ckpt = trained
-    args = ["test", "--ckpt_path", str(ckpt), "--model.init_args.guidance_scale", "3.25",
-            "--model.init_args.num_inference_steps", "2", "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.enable_progress_bar", "false"]
+    args = [
+        "test",
+        "--ckpt_path",
+        str(ckpt),
+        "--model.init_args.guidance_scale",
+        "3.25",
+        "--model.init_args.num_inference_steps",
+        "2",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     assert main(args) == 0
     config = next(tmp_path.rglob("config.yaml")).read_text()
     assert "guidance_scale: 3.25" in config
@@ -251,6 +273,77 @@ def test_python_m_entry_point_help():
 
 def test_data_synth_command(tmp_path, capsys):
     root = tmp_path / "synth"
-    assert main(["data", "synth", "--root", str(root), "--num_train", "6", "--num_val", "2", "--num_test", "2"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synth",
+                "--root",
+                str(root),
+                "--num_train",
+                "6",
+                "--num_val",
+                "2",
+                "--num_test",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert len((root / "train.jsonl").read_text().splitlines()) == 6
     assert str(root) in capsys.readouterr().out
+
+
+def test_data_inspect_and_verify(synthetic_root, tmp_path, capsys):
+    base = [
+        "-c",
+        CONFIG,
+        f"--data.init_args.root={synthetic_root}",
+        "--data.init_args.num_train=64",
+        "--data.init_args.num_val=16",
+        "--data.init_args.num_test=16",
+    ]
+    grid = tmp_path / "grid.png"
+    assert main(["data", "inspect", *base[:2], "--output", str(grid), "--", *base[2:]]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [summary[s]["count"] for s in ("train", "val", "test")] == [64, 16, 16]
+    assert {"source", "target", "mask", "instruction", "expressive"} <= set(
+        summary["train"]["fields"]
+    )
+    assert grid.is_file() and Image.open(grid).size[0] > 100
+    sums = tmp_path / "sha256.txt"
+    assert main(["data", "verify", *base[:2], "--checksums", str(sums), "--", *base[2:]]) == 0
+    lines = sums.read_text().splitlines()
+    assert len(lines) == 3 * (64 + 16 + 16)  # source, target and mask of every sample
+    digest, path = lines[0].split("  ")
+    import hashlib
+
+    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == digest
+    # Break one image and duplicate an id: verify lists both and fails.
+    import shutil
+
+    root = tmp_path / "broken"
+    shutil.copytree(synthetic_root, root)
+    lines = (root / "val.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    (root / first["target"]).write_bytes(b"garbage")
+    second = json.loads(lines[1])
+    second["id"] = first["id"]
+    lines[1] = json.dumps(second)
+    (root / "val.jsonl").write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    args = [
+        "data",
+        "verify",
+        "-c",
+        CONFIG,
+        "--",
+        f"--data.init_args.root={root}",
+        "--data.init_args.num_train=64",
+        "--data.init_args.num_val=16",
+        "--data.init_args.num_test=16",
+    ]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert first["target"] in out and "row 0" in out
+    assert "duplicate id" in out and first["id"] in out

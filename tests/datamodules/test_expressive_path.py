@@ -11,16 +11,27 @@ from datamodules.synthetic import SyntheticEditDataModule
 
 def make(root, **kwargs) -> SyntheticEditDataModule:
     dm = SyntheticEditDataModule(
-        root=str(root), resolution=32, num_train=64, num_val=16, num_test=16, batch_size=4, num_workers=0, **kwargs
+        root=str(root),
+        resolution=32,
+        num_train=64,
+        num_val=16,
+        num_test=16,
+        batch_size=4,
+        num_workers=0,
+        **kwargs,
     )
     dm.prepare_data()
     return dm
 
 
 def test_expressive_path_fills_every_sample_by_id(synthetic_root, tmp_path):
-    ids = [json.loads(line)["id"] for line in (synthetic_root / "test.jsonl").read_text().splitlines()]
+    ids = [
+        json.loads(line)["id"] for line in (synthetic_root / "test.jsonl").read_text().splitlines()
+    ]
     path = tmp_path / "expressive.jsonl"
-    path.write_text("".join(json.dumps({"id": i, "expressive": f"goal of {i}"}) + "\n" for i in reversed(ids)))
+    path.write_text(
+        "".join(json.dumps({"id": i, "expressive": f"goal of {i}"}) + "\n" for i in reversed(ids))
+    )
     dm = make(synthetic_root, expressive_path=str(path))
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
@@ -29,7 +40,9 @@ def test_expressive_path_fills_every_sample_by_id(synthetic_root, tmp_path):
 
 
 def test_missing_id_is_an_error_naming_it_unless_kept(synthetic_root, tmp_path):
-    ids = [json.loads(line)["id"] for line in (synthetic_root / "test.jsonl").read_text().splitlines()]
+    ids = [
+        json.loads(line)["id"] for line in (synthetic_root / "test.jsonl").read_text().splitlines()
+    ]
     path = tmp_path / "partial.jsonl"
     path.write_text("".join(json.dumps({"id": i, "expressive": "x"}) + "\n" for i in ids[1:]))
     with pytest.raises(ValueError, match=ids[0]):
