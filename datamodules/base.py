@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 REQUIRED_KEYS = ("id", "source", "instruction")
 PATH_KEYS = ("source", "target", "mask")
-TEXT_KEYS = ("expressive", "source_caption", "goal_caption", "session")
+TEXT_KEYS = ("expressive", "source_caption", "goal_caption", "session", "previous_output_id")
 INT_KEYS = ("turn", "num_turns")
 
 
@@ -234,6 +234,10 @@ class EditDataModule(L.LightningDataModule):
     """
 
     protocol: str = "generic"
+    #: How samples become a batch (a subclass may swap it, as ConcatEditDataModule does).
+    collate_fn = staticmethod(collate)
+    #: The Dataset class over records (a subclass may decode masks or read parquet rows).
+    dataset_class: type[EditDataset] = EditDataset
 
     def __init__(
         self,
@@ -284,8 +288,13 @@ class EditDataModule(L.LightningDataModule):
             "predict": (self.predict_split,),
         }.get(stage, SPLITS)
 
+    def dataset_kwargs(self, split: str) -> dict[str, Any]:
+        """Extra constructor arguments of `dataset_class` for `split` (none by default)."""
+        return {}
+
     def make_dataset(self, split: str) -> EditDataset:
-        """An EditDataset over the (capped) records of `split` with the split's transform."""
+        """A `dataset_class` over the (capped) records of `split`, with expressive
+        instructions attached and the split's transform."""
         records = self.build_records(split)
         if self.max_samples is not None:
             records = records[: self.max_samples]
@@ -293,7 +302,7 @@ class EditDataModule(L.LightningDataModule):
             records = self.attach_expressive(records, split)
         train = split == "train"
         transform = build_transform(self.resolution, train, self.random_crop, self.random_flip)
-        return EditDataset(records, transform, split, self.on_bad_sample)
+        return self.dataset_class(records, transform, split, self.on_bad_sample, **self.dataset_kwargs(split))
 
     def attach_expressive(self, records: list[dict], split: str) -> list[dict]:
         """Fill `expressive` of each record from `expressive_path`, by sample id."""
@@ -327,7 +336,7 @@ class EditDataModule(L.LightningDataModule):
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=collate,
+            collate_fn=self.collate_fn,
         )
 
     def train_dataloader(self) -> DataLoader:
