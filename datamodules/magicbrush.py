@@ -417,6 +417,12 @@ class MagicBrushDataModule(EditDataModule):
             raise ValueError(f"duplicate MagicBrush ids in split {split!r}: {duplicates}")
         return records
 
+    def prediction_path(self, sample_id: str) -> str:
+        """Where `predict` writes a test prediction: MagicBrush's official file name for this
+        module's `test_mode` (`<img_id>/<img_id>_1.png`, `..._inde_<k>.png`, `..._iter_<k>.png`),
+        so MagicBrush's own evaluation script can read the folder."""
+        return official_output_path(sample_id, self.test_mode)
+
     def dataset_kwargs(self, split: str) -> dict[str, Any]:
         return {"shards": self._open_shards(split) if split in ("train", "val") else ()}
 

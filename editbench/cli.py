@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.base import BadSampleError, EditDataModule
-from editbench.callbacks import EditImageLogger, EditPredictionWriter
+from editbench.callbacks import EditImageLogger, EditPredictionWriter, MultiTurnChaining
 from models.base import CheckpointMismatchError, EditModel
 
 
@@ -33,7 +33,7 @@ class EditbenchCLI(LightningCLI):
             seed_everything_default=0,
             parser_kwargs={"parser_mode": "omegaconf"},
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step")]},
+            trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step"), MultiTurnChaining()]},
             auto_configure_optimizers=False,
             args=args,
             run=run,

@@ -222,7 +222,7 @@ class EditModel(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_metrics = self.test_copy_metrics = None
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
         if "target" not in batch:
             raise ValueError("the test split has no target images; use `predict` to only edit")
         if self.test_metrics is None:
@@ -232,6 +232,7 @@ class EditModel(L.LightningModule):
         mask = batch.get("mask")
         update_edit_metrics(self.test_metrics, out.images, batch["target"], mask)
         update_edit_metrics(self.test_copy_metrics, batch["source"], batch["target"], mask)
+        return {"id": list(batch["id"]), "images": out.images}
 
     def on_test_epoch_end(self) -> None:
         if self.test_metrics is None:

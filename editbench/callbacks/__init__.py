@@ -2,6 +2,7 @@
 
 from editbench.callbacks.assets import EnsureTinyAssets
 from editbench.callbacks.images import EditImageLogger
+from editbench.callbacks.multiturn import MultiTurnChaining
 from editbench.callbacks.predictions import EditPredictionWriter
 
-__all__ = ["EditImageLogger", "EditPredictionWriter", "EnsureTinyAssets"]
+__all__ = ["EditImageLogger", "EditPredictionWriter", "EnsureTinyAssets", "MultiTurnChaining"]

@@ -11,7 +11,9 @@ from torchvision.utils import save_image
 
 
 class EditPredictionWriter(BasePredictionWriter):
-    """Save each edited image as ``<output_dir>/<id>.png`` and append ``id``, ``instruction``,
+    """Save each edited image as ``<output_dir>/<id>.png`` (or under the name the DataModule's
+    ``prediction_path(id)`` gives, e.g. MagicBrush's official ``<img_id>/<img_id>_iter_2.png``)
+    and append ``id``, ``instruction``,
     ``image`` and (where the model makes one) ``expressive`` to ``predictions.jsonl``
     (``predictions.rank<k>.jsonl`` per process when several processes predict).
 
@@ -44,8 +46,9 @@ class EditPredictionWriter(BasePredictionWriter):
     ) -> None:
         out = self._dir(trainer)
         with self._index.open("a") as index:
+            name = getattr(trainer.datamodule, "prediction_path", None)
             for i, sample_id in enumerate(prediction["id"]):
-                path = out / f"{sample_id}.png"
+                path = out / (name(sample_id) if name is not None else f"{sample_id}.png")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_image((prediction["images"][i] + 1) / 2, path)
                 record = {

@@ -343,3 +343,45 @@ def test_bad_test_folder(tmp_path, mb_root):
     (folder / "edit_sessions.json").write_text(json.dumps({"5": [{"input": "5-input.png"}]}))
     with pytest.raises(ValueError, match=r"session '5', turn 1: missing key 'mask'"):
         make(tmp_path).build_records("test")
+
+
+@pytest.mark.parametrize("mode", ["iterative", "independent"])
+def test_predict_with_the_tiny_model_chains_turns_and_writes_official_names(
+    mb_root, tiny_dir, tmp_path, mode
+):
+    """Trainer.predict with the suite's callbacks: in iterative mode turn k is edited from the
+    model's own turn k-1 output; files carry MagicBrush's names for the mode."""
+    import lightning as L
+
+    from editbench.callbacks import EditPredictionWriter, MultiTurnChaining
+    from models.inspix2pix import InsPix2Pix
+
+    root, _ = mb_root
+    dm = make(root, test_mode=mode, eval_batch_size=4)
+    model = InsPix2Pix(diffusion_path=str(tiny_dir / "instruct-pix2pix"), num_inference_steps=2)
+    seen: dict[str, torch.Tensor] = {}
+    edit = model.edit
+
+    def recording_edit(source, instructions, **kwargs):  # records inputs, then edits for real
+        out = edit(source, instructions, **kwargs)
+        for i, instruction in enumerate(instructions):
+            seen[instruction] = source[i].clone()
+        return out
+
+    model.edit = recording_edit
+    out_dir = tmp_path / "preds"
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False,
+        callbacks=[MultiTurnChaining(), EditPredictionWriter(str(out_dir))],
+    )  # fmt: skip
+    predictions = trainer.predict(model, datamodule=dm)
+    by_id = {i: img for p in predictions for i, img in zip(p["id"], p["images"], strict=True)}
+    turn2 = seen["test edit 200 turn 2"]
+    if mode == "iterative":
+        torch.testing.assert_close(turn2, by_id["magicbrush/200/1"])
+        torch.testing.assert_close(seen["test edit 200 turn 3"], by_id["magicbrush/200/2"])
+        names = ["100/100_1.png", "200/200_1.png", "200/200_iter_2.png", "200/200_iter_3.png"]
+    else:
+        assert not torch.allclose(turn2, by_id["magicbrush/200/1"])
+        names = ["100/100_1.png", "200/200_1.png", "200/200_inde_2.png", "200/200_inde_3.png"]
+    assert sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*.png")) == names
