@@ -236,6 +236,8 @@ class EditDataModule(L.LightningDataModule):
     protocol: str = "generic"
     #: How samples become a batch (a subclass may swap it, as ConcatEditDataModule does).
     collate_fn = staticmethod(collate)
+    #: Samples per split in the dataset's public release, checked by `data verify` (None: unknown).
+    published_counts: dict[str, int] | None = None
     #: The Dataset class over records (a subclass may decode masks or read parquet rows).
     dataset_class: type[EditDataset] = EditDataset
 

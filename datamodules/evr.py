@@ -63,6 +63,8 @@ class EVRDataModule(EditDataModule):
     """
 
     protocol = "evr"
+    #: Samples per split in the public release (train: one per sentence; val/test: one per pair).
+    published_counts = {"train": 3061, "val": 383, "test": 495}
     dataset_class = EVRDataset
 
     def __init__(

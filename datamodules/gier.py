@@ -147,6 +147,7 @@ class GIERDataModule(EditDataModule):
     """
 
     protocol = "gier"
+    published_counts = PUBLISHED_SAMPLES
     dataset_class = GIERDataset
 
     def __init__(

@@ -63,6 +63,7 @@ class MA5kDataModule(EditDataModule):
     """
 
     protocol = "ma5k"
+    published_counts = PUBLISHED_SAMPLES
 
     def __init__(
         self,

@@ -254,6 +254,8 @@ class MagicBrushDataModule(EditDataModule):
     """
 
     protocol = "magicbrush"
+    #: Turns per split in the public release (train/dev parquet, test sessions).
+    published_counts = {"train": 8807, "val": 528, "test": 1053}
     dataset_class = MagicBrushDataset
 
     def __init__(

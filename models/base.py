@@ -62,6 +62,10 @@ class EditModel(L.LightningModule):
             ``L1``, ``SSIM`` and, when the data has edit masks, ``L1_edit``.
         check_finite: stop with an error naming the loss term and samples when a loss is not
             finite, instead of training on NaNs.
+        init_from: a checkpoint of this model whose trainable weights initialise ``fit``
+            (fine-tuning, e.g. MGIE Table 2: IPr2Pr pre-training, then each dataset). Unlike
+            ``--ckpt_path`` it restores no optimizer state, step or epoch; a resumed run
+            (``--ckpt_path``) ignores it.
     """
 
     #: Prefixes of submodules whose weights are frozen, re-read from their paths on load and
@@ -83,6 +87,7 @@ class EditModel(L.LightningModule):
         val_num_inference_steps: int = 0,
         metrics: list[str] | None = None,
         check_finite: bool = True,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if lr_schedule not in ("constant", "cosine"):
@@ -99,6 +104,7 @@ class EditModel(L.LightningModule):
         self.val_num_inference_steps = val_num_inference_steps
         self.metric_names = list(metrics) if metrics is not None else None
         self.check_finite = check_finite
+        self.init_from = init_from
         self.val_metrics: MetricCollection | None = None
         self.test_metrics: MetricCollection | None = None
         self.test_copy_metrics: MetricCollection | None = None
@@ -270,6 +276,21 @@ class EditModel(L.LightningModule):
         }
 
     # ----------------------------------------------------------------- checkpoints
+    def on_fit_start(self) -> None:
+        if self.init_from is not None and self.trainer.ckpt_path is None:
+            self.load_initial_weights(self.init_from)
+
+    def load_initial_weights(self, path: str | Path) -> None:
+        """Load the trainable weights of checkpoint ``path`` (strictly: every trainable weight
+        must be there, nothing unknown may be)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"init_from checkpoint {path} not found")
+        checkpoint = {"state_dict": torch.load(path, map_location="cpu", weights_only=True)["state_dict"]}
+        self.on_load_checkpoint(checkpoint)
+        self.load_state_dict(checkpoint["state_dict"], strict=True)
+        rank_zero_info(f"initialised {type(self).__name__} from {path}")
+
     def _is_frozen_key(self, key: str) -> bool:
         return any(key == m or key.startswith(m + ".") for m in self.frozen_modules)
 

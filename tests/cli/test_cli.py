@@ -195,8 +195,11 @@ def test_fast_dev_run(tiny_dir, synthetic_root, tmp_path):
     "config", sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments").rglob("*.yaml"))
 )
 def test_every_experiment_config_parses(config, capsys):
+    """Every config parses; a diff file (first line `# base: FILE`) is layered on its base."""
+    first = (REPO / config).read_text().splitlines()[0]
+    layers = ["-c", str(REPO / first.split(":", 1)[1].strip())] if first.startswith("# base:") else []
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", str(REPO / config), "--print_config"])
+        main(["fit", *layers, "-c", str(REPO / config), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "class_path" in capsys.readouterr().out
 
@@ -347,3 +350,19 @@ def test_data_inspect_and_verify(synthetic_root, tmp_path, capsys):
     out = capsys.readouterr().out
     assert first["target"] in out and "row 0" in out
     assert "duplicate id" in out and first["id"] in out
+
+
+def test_init_from_loads_trainable_weights_only_when_not_resuming(trained, tiny_dir):
+    from models.inspix2pix import InsPix2Pix
+
+    _, _, ckpt = trained
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    model = InsPix2Pix(diffusion_path=str(tiny_dir / "instruct-pix2pix"), init_from=str(ckpt))
+    model.configure_model()
+    key = "diffusion.unet.conv_in.weight"
+    assert not torch.equal(model.state_dict()[key], saved[key])  # training moved it
+    model.load_initial_weights(ckpt)
+    for k, v in saved.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
+        model.load_initial_weights("nowhere.ckpt")
