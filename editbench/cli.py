@@ -6,16 +6,22 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.base import BadSampleError, EditDataModule
 from editbench.callbacks import EditImageLogger, EditPredictionWriter, MultiTurnChaining
 from models.base import CheckpointMismatchError, EditModel
+
+# main() hands LightningCLI an explicit argument list (after the checkpoint defaults), which is
+# intended; Lightning would warn about it on every run.
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
 
 
 class EditbenchCLI(LightningCLI):
@@ -97,6 +103,7 @@ USER_ERRORS = (
     BadSampleError,
     FloatingPointError,
     CheckpointMismatchError,
+    MisconfigurationException,
 )
 
 

@@ -26,8 +26,12 @@ def load_datamodule(config: str, overrides: list[str]) -> EditDataModule:
     """The DataModule a fit config describes (the model is not built)."""
     from editbench.cli import EditbenchCLI
 
-    cli = EditbenchCLI(args=["-c", config, *overrides], run=False)
-    return cli.datamodule
+    class DataOnly(EditbenchCLI):
+        def instantiate_classes(self) -> None:  # no trainer: the config may ask for GPUs
+            self.config_init = self.parser.instantiate_classes(self.config)
+            self.datamodule = self._get(self.config_init, "data")
+
+    return DataOnly(args=["-c", config, *overrides], run=False).datamodule
 
 
 def split_records(dm: EditDataModule) -> dict[str, list[dict]]:
