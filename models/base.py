@@ -146,6 +146,8 @@ class EditModel(L.LightningModule):
                 "train/skipped_samples",
                 float(len(batch["skipped_ids"])),
                 reduce_fx="sum",
+                on_step=True,
+                on_epoch=True,
                 batch_size=bs,
             )
         return losses["loss"]
