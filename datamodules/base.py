@@ -82,6 +82,21 @@ def read_jsonl_manifest(
     return records
 
 
+def read_json_list(path: Path, what: str = "split file") -> list:
+    """Load a JSON file that must hold a list; FileNotFoundError/ValueError naming `path`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with path.open(encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list, got {type(data).__name__}")
+    return data
+
+
 def read_expressive(path: Path) -> dict[str, str]:
     """`{id: expressive}` from a JSONL file of `{"id", "expressive"}` objects; errors name the
     file and line."""

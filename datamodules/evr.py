@@ -14,11 +14,10 @@ it is).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .base import EditDataModule, EditDataset, SkippedSample
+from .base import EditDataModule, EditDataset, SkippedSample, read_json_list
 
 #: File of each split (the split called "val" is the release's `valid.json`).
 SPLIT_FILES = {"train": "train.json", "val": "valid.json", "test": "test.json"}
@@ -85,15 +84,7 @@ class EVRDataModule(EditDataModule):
         if split not in SPLIT_FILES:
             raise ValueError(f"unknown split {split!r} (train, val or test)")
         path = Path(self.root) / SPLIT_FILES[split]
-        if not path.is_file():
-            raise FileNotFoundError(f"EVR {split} file not found: {path}")
-        try:
-            with path.open(encoding="utf-8") as f:
-                rows = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a list of {{img0, img1, sents, uid}} objects")
+        rows = read_json_list(path, f"EVR {split} file")
         seen: dict[str, int] = {}
         for i, row in enumerate(rows):
             if not isinstance(row, dict):

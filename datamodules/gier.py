@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import BadSampleError, EditDataModule, EditDataset
+from .base import BadSampleError, EditDataModule, EditDataset, read_json_list
 from .rle import union_rles
 
 #: Published sizes: pairs and samples (one per summary string) per split, session 3.
@@ -61,21 +61,6 @@ GIER_REQUIRED_KEYS = ("input", "output", "operator", "expert_summary", "amateur_
 def is_missing(value: Any) -> bool:
     """None or a float NaN (GIER's bare `NaN` literal)."""
     return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def read_json_list(path: Path, what: str = "split file") -> list:
-    """Load a JSON file that must hold a list; FileNotFoundError/ValueError naming `path`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with path.open(encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list, got {type(data).__name__}")
-    return data
 
 
 def load_rle_file(path: str | Path) -> list[dict]:

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from .base import BadSampleError, EditDataModule, EditDataset, SkippedSample, build_transform
+from .base import BadSampleError, EditDataModule, EditDataset, SkippedSample, read_json_list
 
 log = logging.getLogger(__name__)
 
@@ -181,12 +181,13 @@ class IPr2PrParquetDataset(_ResolvingDataset):
     def __init__(
         self,
         records: list[dict],
-        table,
-        shards: Sequence[str],
-        offsets: Sequence[int],
         transform,
         split: str,
         on_bad_sample: Literal["error", "skip"] = "error",
+        *,
+        table,
+        shards: Sequence[str],
+        offsets: Sequence[int],
     ) -> None:
         super().__init__(records, transform, split, on_bad_sample)
         self.table = table
@@ -344,15 +345,7 @@ class IPr2PrDataModule(EditDataModule):
 
     def _read_seeds(self) -> list[tuple[str, list[int]]]:
         path = Path(self.root) / "seeds.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"seeds.json not found: {path}")
-        try:
-            with path.open(encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a list of [prompt_dir, [seed, ...]]")
+        data = read_json_list(path, "seeds.json")
         entries = []
         for row, entry in enumerate(data):
             ok = (
@@ -521,23 +514,12 @@ class IPr2PrDataModule(EditDataModule):
             raise ValueError(f"IPr2Pr parquet split {split!r} under {self.root} is empty: {hint}")
         return records
 
-    def make_dataset(self, split: str) -> EditDataset:
-        records = self.build_records(split)
-        if self.max_samples is not None:
-            records = records[: self.max_samples]
-        if self.expressive_path is not None:
-            records = self.attach_expressive(records, split)
-        train = split == "train"
-        transform = build_transform(self.resolution, train, self.random_crop, self.random_flip)
+    @property
+    def dataset_class(self) -> type[EditDataset]:
+        return IPr2PrDataset if self.layout == "original" else IPr2PrParquetDataset
+
+    def dataset_kwargs(self, split: str) -> dict[str, Any]:
         if self.layout == "original":
-            return IPr2PrDataset(records, transform, split, self.on_bad_sample, random_seed=train)
+            return {"random_seed": split == "train"}
         parquet = self.index_parquet()
-        return IPr2PrParquetDataset(
-            records,
-            parquet["table"],
-            parquet["shards"],
-            parquet["offsets"],
-            transform,
-            split,
-            self.on_bad_sample,
-        )
+        return {"table": parquet["table"], "shards": parquet["shards"], "offsets": parquet["offsets"]}

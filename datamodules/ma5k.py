@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import EditDataModule
-from .gier import is_missing, read_json_list
+from .base import EditDataModule, read_json_list
+from .gier import is_missing
 
 PUBLISHED_SAMPLES = {"train": 17325, "val": 2475, "test": 4950}
 MA5K_REQUIRED_KEYS = ("input", "output", "request")
