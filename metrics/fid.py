@@ -119,7 +119,30 @@ def _paired_unit_images(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return preds01, target01
 
 
-class FID(FrechetInceptionDistance):
+class _RealVsGenerated:
+    """The suite's ``update(preds, target)`` for torchmetrics' FID and KID: ``target`` goes to the
+    real side, ``preds`` to the generated one, in float32 with autocast off. With
+    ``reset_real_features=False`` the real side is kept at ``reset()`` and frozen afterwards (the
+    same reference set every evaluation)."""
+
+    _real_frozen = False
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add a batch: ``target`` to the real and ``preds`` to the generated statistics."""
+        with torch.autocast(device_type=preds.device.type, enabled=False):
+            preds01, target01 = _paired_unit_images(preds, target)
+            if not self._real_frozen:
+                super().update(target01, real=True)
+            super().update(preds01, real=False)
+
+    def reset(self) -> None:
+        """Reset the states (keeping and freezing the real ones if ``reset_real_features=False``)."""
+        if not self.reset_real_features and self._num_real() > 0:
+            self._real_frozen = True
+        super().reset()
+
+
+class FID(_RealVsGenerated, FrechetInceptionDistance):
     """Fréchet Inception Distance between the ``target`` (real) and ``preds`` (generated) images.
 
     ``update(preds, target)`` takes ``[B, 3, H, W]`` images in ``[-1, 1]`` (see the module
@@ -174,24 +197,12 @@ class FID(FrechetInceptionDistance):
             raise TypeError(f"FID: `feature` must be an int or an nn.Module, got {type(feature)}.")
         self.weights_path = weights_path
         self.antialias = antialias
-        self._real_frozen = False
 
-    def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
-        """Add a batch: ``target`` to the real and ``preds`` to the generated statistics."""
-        with torch.autocast(device_type=preds.device.type, enabled=False):
-            preds01, target01 = _paired_unit_images(preds, target)
-            if not self._real_frozen:
-                super().update(target01, real=True)
-            super().update(preds01, real=False)
-
-    def reset(self) -> None:
-        """Reset the states (keeping and freezing the real ones if ``reset_real_features=False``)."""
-        if not self.reset_real_features and int(self.real_features_num_samples) > 0:
-            self._real_frozen = True
-        super().reset()
+    def _num_real(self) -> int:
+        return int(self.real_features_num_samples)
 
 
-class KID(KernelInceptionDistance):
+class KID(_RealVsGenerated, KernelInceptionDistance):
     """Kernel Inception Distance between the ``target`` (real) and ``preds`` (generated) images.
 
     ``update(preds, target)`` takes ``[B, 3, H, W]`` images in ``[-1, 1]`` (see the module
@@ -235,15 +246,6 @@ class KID(KernelInceptionDistance):
         )
         self.weights_path = weights_path
         self.antialias = antialias
-        self._real_frozen = False
-
-    def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
-        """Add a batch: ``target`` features to the real and ``preds`` to the generated ones."""
-        with torch.autocast(device_type=preds.device.type, enabled=False):
-            preds01, target01 = _paired_unit_images(preds, target)
-            if not self._real_frozen:
-                super().update(target01, real=True)
-            super().update(preds01, real=False)
 
     @staticmethod
     def _count(features: Tensor | list[Tensor]) -> int:
@@ -273,8 +275,5 @@ class KID(KernelInceptionDistance):
         finally:
             self.subset_size = requested
 
-    def reset(self) -> None:
-        """Reset the states (keeping and freezing the real ones if ``reset_real_features=False``)."""
-        if not self.reset_real_features and self._count(self.real_features) > 0:
-            self._real_frozen = True
-        super().reset()
+    def _num_real(self) -> int:
+        return self._count(self.real_features)
