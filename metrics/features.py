@@ -379,22 +379,17 @@ class CVS(_ClipMetric):
             self._add(F.cosine_similarity(a, b, dim=-1))
 
 
-class CLIPImageSimilarity(_ClipMetric):
+class CLIPImageSimilarity(CVS):
     """CLIP image similarity to the input (IP2P / MGIE Fig. 3): cosine of the CLIP image
-    embeddings of ``source`` and ``preds``.
+    embeddings of ``source`` and ``preds`` (CVS against the input instead of the goal).
 
     ``update(source, preds)``; mean over images of the per-image cosine. Higher means the edit
     kept more of the input.
     """
 
-    def update(self, source: Tensor, preds: Tensor) -> None:
+    def update(self, source: Tensor, preds: Tensor) -> None:  # type: ignore[override]
         """Add a batch: ``source`` and ``preds`` are ``[B, 3, H, W]`` in ``[-1, 1]``."""
-        _check_images("CLIPImageSimilarity", source, preds)
-        with torch.autocast(device_type=preds.device.type, enabled=False):
-            source, preds = at_least_float32(source), at_least_float32(preds)
-            model, processor = self.backbone(preds.device)
-            a, b = self._images(model, processor, torch.cat([source, preds])).chunk(2)
-            self._add(F.cosine_similarity(a, b, dim=-1))
+        super().update(preds, source)
 
 
 class CTS(_ClipMetric):
