@@ -210,3 +210,16 @@ def test_missing_folder_names_the_path(tmp_path):
     model = InsPix2Pix(diffusion_path=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         model.configure_model()
+
+
+def test_non_finite_loss_stops_with_the_term_and_sample_ids(tiny_dir):
+    model = build(tiny_dir / "instruct-pix2pix")
+    model.train()
+    source = smooth_images(2)
+    source[1, 0, 0, 0] = float("nan")
+    batch = {"source": source, "target": smooth_images(2, seed=3), "instruction": PROMPTS,
+             "id": ["sample-a", "sample-b"], "skipped_ids": []}  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .*sample-a, sample-b"):
+        model.training_step(batch, 0)
+    model.check_finite = False
+    assert not torch.isfinite(model.training_step(batch, 0))
