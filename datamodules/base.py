@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -62,7 +62,21 @@ def read_jsonl_manifest(
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
     records = []
-    with path.open(encoding="utf-8") as f:
+    for lineno, record in iter_jsonl(path):
+        for key in required:
+            if key not in record:
+                raise ValueError(f"{path}, line {lineno}: missing required key {key!r}")
+        for key in PATH_KEYS:
+            if record.get(key) is not None:
+                record[key] = str(root / record[key])  # an absolute path stays as it is
+        records.append(record)
+    return records
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) per non-blank line; ValueError naming the file and line for
+    invalid JSON or a line that is not an object."""
+    with Path(path).open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -72,14 +86,7 @@ def read_jsonl_manifest(
                 raise ValueError(f"{path}, line {lineno}: not valid JSON ({err})") from err
             if not isinstance(record, dict):
                 raise ValueError(f"{path}, line {lineno}: expected a JSON object")
-            for key in required:
-                if key not in record:
-                    raise ValueError(f"{path}, line {lineno}: missing required key {key!r}")
-            for key in PATH_KEYS:
-                if record.get(key) is not None:
-                    record[key] = str(root / record[key])  # an absolute path stays as it is
-            records.append(record)
-    return records
+            yield lineno, record
 
 
 def read_json_list(path: Path, what: str = "split file") -> list:
@@ -321,7 +328,9 @@ class EditDataModule(L.LightningDataModule):
             records = self.attach_expressive(records, split)
         train = split == "train"
         transform = build_transform(self.resolution, train, self.random_crop, self.random_flip)
-        return self.dataset_class(records, transform, split, self.on_bad_sample, **self.dataset_kwargs(split))
+        return self.dataset_class(
+            records, transform, split, self.on_bad_sample, **self.dataset_kwargs(split)
+        )
 
     def attach_expressive(self, records: list[dict], split: str) -> list[dict]:
         """Fill `expressive` of each record from `expressive_path`, by sample id."""
@@ -336,7 +345,9 @@ class EditDataModule(L.LightningDataModule):
                 f"`python -m editbench data expressive` or set on_missing_expressive: keep"
             )
         return [
-            {**r, "expressive": self._expressive[str(r["id"])]} if str(r["id"]) in self._expressive else r
+            {**r, "expressive": self._expressive[str(r["id"])]}
+            if str(r["id"]) in self._expressive
+            else r
             for r in records
         ]
 

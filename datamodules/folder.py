@@ -33,30 +33,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 from collections import Counter
 from pathlib import Path
 
-from .base import EditDataModule
+from .base import EditDataModule, iter_jsonl
 
 REQUIRED = ("source", "target", "instruction")
 OPTIONAL = ("mask", "expressive", "source_caption", "goal_caption", "id")
 PATHS = ("source", "target", "mask")
-
-
-def _rows_jsonl(path: Path):
-    """(line number, dict) per non-blank line."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({err})") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object")
-            yield lineno, row
 
 
 def _rows_csv(path: Path):
@@ -78,7 +62,7 @@ def read_manifest(path: str | Path, root: str | Path) -> list[dict]:
     path, root = Path(path), Path(root)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
-    rows = _rows_csv(path) if path.suffix.lower() == ".csv" else _rows_jsonl(path)
+    rows = _rows_csv(path) if path.suffix.lower() == ".csv" else iter_jsonl(path)
     records, lines = [], []
     for lineno, row in rows:
         record: dict = {}

@@ -371,7 +371,7 @@ class CVS(_ClipMetric):
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add a batch: ``preds`` and ``target`` are ``[B, 3, H, W]`` in ``[-1, 1]``."""
-        _check_images("CVS", preds, target)
+        _check_images(type(self).__name__, preds, target)
         with torch.autocast(device_type=preds.device.type, enabled=False):
             preds, target = at_least_float32(preds), at_least_float32(target)
             model, processor = self.backbone(preds.device)
