@@ -3,11 +3,12 @@ subcommands (``edit``, ``data``, ``benchmark``)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -83,18 +84,24 @@ def checkpoint_defaults(argv: Sequence[str]) -> list[str]:
     return extra
 
 
-def _extra_commands() -> dict[str, Callable[[list[str]], int | None]]:
-    from editbench.commands import benchmark, data, edit
-
-    return {"edit": edit.main, "data": data.main, "benchmark": benchmark.main}
-
+#: editbench's own subcommands: name -> module with ``main(argv) -> int``, imported on use.
+EXTRA_COMMANDS = {
+    "edit": "editbench.commands.edit",
+    "data": "editbench.commands.data",
+    "benchmark": "editbench.commands.benchmark",
+    "sweep": "editbench.commands.sweep",
+    "report": "editbench.commands.report",
+}
 
 EXTRA_HELP = """
 editbench's own subcommands (each has --help):
   edit        edit one image with a trained checkpoint
-  data        synth | make-tiny: write the synthetic dataset or the tiny checkpoints
+  data        synth | make-tiny | inspect | verify | expressive: datasets and tiny checkpoints
   benchmark   edit latency and training-step time against plain diffusers references
+  sweep       the αV trade-off of checkpoints: CLIP directional vs image similarity (CSV, plot)
+  report      aggregate test_metrics.json of several runs into the paper's table layout
 """
+
 
 #: Errors that are the user's input, not a bug: printed as one line, exit status 2.
 USER_ERRORS = (
@@ -111,10 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from_sys = argv is None
     argv = list(sys.argv[1:] if from_sys else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    extra = _extra_commands()
     try:
-        if argv and argv[0] in extra:
-            return extra[argv[0]](argv[1:]) or 0
+        if argv and argv[0] in EXTRA_COMMANDS:
+            module = importlib.import_module(EXTRA_COMMANDS[argv[0]])
+            return module.main(argv[1:]) or 0
         if not argv or argv[0] in ("-h", "--help"):
             print(EXTRA_HELP)
         defaults = checkpoint_defaults(argv)
