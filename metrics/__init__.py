@@ -19,11 +19,23 @@ from metrics.fid import FID, KID
 from metrics.perceptual import LPIPS
 from metrics.pixel import L1, SSIM, MaskedL1, prepare_pair, to_unit_range
 
-# Metrics that take (preds, target) join the name registry; backbone paths come through
-# `edit_metrics(..., metric_kwargs={"DINO": {"dino_path": ...}})`. CTS, the directional metrics
-# and FID/KID (a tuple for KID, a distribution-level value for both) wait for the protocols.
-for _name, _cls in (("LPIPS", LPIPS), ("DINO", DINO), ("CVS", CVS)):
-    register_metric(_name, _cls)
+# Model-backed metrics: their backbone folders/files come from the evaluator's `backbones`
+# (one CLIP for CVS, CTS and the directional metrics) unless `metric_kwargs` names them.
+register_metric("LPIPS", LPIPS, backbone=("lpips", "weights_path"))
+register_metric("DINO", DINO, backbone=("dino", "dino_path"))
+register_metric("CVS", CVS, backbone=("clip", "clip_path"))
+register_metric("CTS", CTS, inputs=("preds", "goal_caption"), backbone=("clip", "clip_path"))
+register_metric(
+    "CLIP_direction",
+    CLIPDirectionalSimilarity,
+    inputs=("source", "preds", "source_caption", "goal_caption"),
+    backbone=("clip", "clip_path"),
+)
+register_metric(
+    "CLIP_image", CLIPImageSimilarity, inputs=("source", "preds"), backbone=("clip", "clip_path")
+)
+register_metric("FID", FID, backbone=("inception", "weights_path"))
+register_metric("KID", KID, backbone=("inception", "weights_path"))
 
 __all__ = [
     "CLIPDirectionalSimilarity",

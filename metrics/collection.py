@@ -22,12 +22,38 @@ METRICS: dict[str, type[Metric]] = {"L1": L1, "L1_edit": MaskedL1, "SSIM": SSIM}
 
 DEFAULT_METRICS: tuple[str, ...] = ("L1", "L1_edit", "SSIM")
 
+#: name -> the batch fields its ``update`` takes, in order (absent = ``("preds", "target")``
+#: plus ``mask`` when ``update`` has a ``mask`` parameter). Fields: ``preds``, ``source``,
+#: ``target``, ``mask`` and any text key of the batch (``goal_caption``, ``instruction``, ...).
+METRIC_INPUTS: dict[str, tuple[str, ...]] = {}
 
-def register_metric(name: str, cls: type[Metric] | None = None, *, overwrite: bool = False) -> Any:
+#: name -> (backbone kind, constructor argument): ``EditEvaluator`` fills the argument from its
+#: ``backbones`` mapping, so one CLIP folder serves CVS, CTS and the directional metrics.
+METRIC_BACKBONES: dict[str, tuple[str, str]] = {}
+
+#: Metrics without a copy-the-input baseline (an API judge would be paid twice for it).
+NO_COPY_BASELINE: set[str] = set()
+
+
+def register_metric(
+    name: str,
+    cls: type[Metric] | None = None,
+    *,
+    overwrite: bool = False,
+    inputs: tuple[str, ...] | None = None,
+    backbone: tuple[str, str] | None = None,
+    copy_baseline: bool = True,
+) -> Any:
     """Register a ``Metric`` class under ``name`` (usable as a decorator: ``@register_metric("X")``).
 
     A metric whose ``update`` has a ``mask`` parameter receives the batch's mask from
     :func:`update_edit_metrics`; if that parameter has no default, the metric requires one.
+
+    Args:
+        inputs: the batch fields ``update`` takes, in order (see :data:`METRIC_INPUTS`).
+        backbone: ``(kind, argument)``: the constructor argument filled from the evaluator's
+            ``backbones[kind]`` (e.g. ``("clip", "clip_path")``).
+        copy_baseline: whether the copy-the-input baseline is also scored with this metric.
     """
 
     def _register(metric_cls: type[Metric]) -> type[Metric]:
@@ -41,6 +67,12 @@ def register_metric(name: str, cls: type[Metric] | None = None, *, overwrite: bo
                 "pass overwrite=True to replace it."
             )
         METRICS[name] = metric_cls
+        if inputs is not None:
+            METRIC_INPUTS[name] = tuple(inputs)
+        if backbone is not None:
+            METRIC_BACKBONES[name] = tuple(backbone)
+        if not copy_baseline:
+            NO_COPY_BASELINE.add(name)
         return metric_cls
 
     if cls is None:
@@ -79,6 +111,13 @@ def edit_metrics(
         raise ValueError(f"`metric_kwargs` names metrics not in `names`: {stray}.")
     metrics = {name: METRICS[name](**dict(metric_kwargs.get(name, {}))) for name in names}
     return MetricCollection(metrics, compute_groups=False)
+
+
+def metric_inputs(name: str, metric: Metric) -> tuple[str, ...]:
+    """The batch fields ``metric`` (registered as ``name``) takes, in ``update``'s order."""
+    if name in METRIC_INPUTS:
+        return METRIC_INPUTS[name]
+    return ("preds", "target", "mask") if takes_mask(metric) else ("preds", "target")
 
 
 def _mask_parameter(metric: Metric) -> inspect.Parameter | None:
@@ -137,6 +176,10 @@ def _update(collection: MetricCollection, preds: Tensor, target: Tensor, mask: T
 __all__: list[str] = [
     "DEFAULT_METRICS",
     "METRICS",
+    "METRIC_BACKBONES",
+    "METRIC_INPUTS",
+    "NO_COPY_BASELINE",
+    "metric_inputs",
     "edit_metrics",
     "register_metric",
     "requires_mask",

@@ -308,6 +308,16 @@ class _ClipMetric(_CosineMetric):
         super().__init__(**kwargs)
         self.clip_path = _resolve(clip_path, type(self).__name__, "CLIP", _CLIP_WHAT)
 
+    def provenance(self) -> dict:
+        """How this metric measures: the CLIP folder (path and weights hash) and preprocessing."""
+        from metrics.provenance import backbone_record
+
+        return {
+            "backbone": backbone_record(self.clip_path),
+            "preprocess": "the CLIP processor's resize / center crop / normalisation on [0,1] "
+            "tensors; projected embeddings",
+        }
+
     def backbone(self, device: torch.device) -> tuple[Any, Any]:
         """The shared ``(CLIPModel, CLIPProcessor)`` on ``device`` (cached, never a submodule)."""
         return load_clip(self.clip_path, device, metric=type(self).__name__)
@@ -337,6 +347,21 @@ class DINO(_CosineMetric):
             raise ValueError(f"`transform` must be 'magicbrush' or 'processor', got {transform!r}.")
         self.dino_path = _resolve(dino_path, "DINO", "DINO", _DINO_WHAT)
         self.transform = transform
+
+    def provenance(self) -> dict:
+        """How this metric measures: the DINO folder (path and weights hash) and preprocessing."""
+        from metrics.provenance import backbone_record
+
+        preprocess = (
+            "resize 256 (shorter side, bicubic), center crop 224, ImageNet mean/std (MagicBrush)"
+            if self.transform == "magicbrush"
+            else "the DINO processor's config"
+        )
+        return {
+            "backbone": backbone_record(self.dino_path),
+            "preprocess": preprocess,
+            "features": "CLS token of the last hidden state",
+        }
 
     def backbone(self, device: torch.device) -> tuple[Any, Any]:
         """The shared ``(model, image processor)`` on ``device`` (cached, never a submodule)."""

@@ -127,6 +127,22 @@ class _RealVsGenerated:
 
     _real_frozen = False
 
+    def provenance(self) -> dict:
+        """How this metric measures: the Inception weights (hashed) or the injected extractor."""
+        from metrics.provenance import backbone_record
+
+        if self.injected_feature is not None:
+            backbone = {"path": None, "source": f"injected {self.injected_feature}"}
+        else:
+            name = type(self).__name__
+            backbone = backbone_record(inception_weights_path(self.weights_path, name))
+        return {
+            "backbone": backbone,
+            "antialias": self.antialias,
+            "real": "targets",
+            "generated": "preds",
+        }
+
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add a batch: ``target`` to the real and ``preds`` to the generated statistics."""
         with torch.autocast(device_type=preds.device.type, enabled=False):
@@ -172,6 +188,7 @@ class FID(_RealVsGenerated, FrechetInceptionDistance):
         reset_real_features: bool = True,
         **kwargs,
     ) -> None:
+        injected = type(feature).__name__ if isinstance(feature, nn.Module) else None
         if isinstance(feature, nn.Module):
             super().__init__(
                 feature=feature,
@@ -195,6 +212,7 @@ class FID(_RealVsGenerated, FrechetInceptionDistance):
             )
         else:
             raise TypeError(f"FID: `feature` must be an int or an nn.Module, got {type(feature)}.")
+        self.injected_feature = injected
         self.weights_path = weights_path
         self.antialias = antialias
 
@@ -232,6 +250,7 @@ class KID(_RealVsGenerated, KernelInceptionDistance):
         subset_size: int = 1000,
         **kwargs,
     ) -> None:
+        injected = type(feature).__name__ if isinstance(feature, nn.Module) else None
         if isinstance(feature, int) and not isinstance(feature, bool):
             feature = _Uint8Inception(_inception(feature, weights_path, antialias, "KID"), feature)
         elif not isinstance(feature, nn.Module):
@@ -244,6 +263,7 @@ class KID(_RealVsGenerated, KernelInceptionDistance):
             normalize=True,
             **kwargs,
         )
+        self.injected_feature = injected
         self.weights_path = weights_path
         self.antialias = antialias
 

@@ -194,6 +194,8 @@ class LPIPS(Metric):
         super().__init__(**kwargs)
         _check_resize_mode(resize_mode)
         self.net_type = net
+        self.weights_path = weights_path
+        self.linear_weights_path = linear_weights_path
         self.resize_mode = resize_mode
         # Bypass nn.Module.__setattr__ so the network stays out of `_modules` (and state_dict).
         object.__setattr__(
@@ -211,6 +213,23 @@ class LPIPS(Metric):
             network._apply(fn)
             network.float()  # device moves only: the backbone always computes in float32
         return this
+
+    def provenance(self) -> dict:
+        """How this metric measures: the backbone and linear-head weight files (hashed)."""
+        from metrics.provenance import backbone_record
+
+        random = self.weights_path == "random"
+        return {
+            "net": self.net_type,
+            "backbone": {"path": None, "source": "random (tests only)"}
+            if random
+            else backbone_record(_resolve_backbone_path(self.net_type, self.weights_path)),
+            "linear_heads": backbone_record(
+                self.linear_weights_path or default_linear_weights_path(self.net_type)
+            ),
+            "version": _LPIPS_VERSION,
+            "resize": f"preds resized to the target's size ({self.resize_mode}) when they differ",
+        }
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add a batch: ``preds`` and ``target`` are ``[B, 3, H, W]`` in ``[-1, 1]``."""

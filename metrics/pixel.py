@@ -132,6 +132,14 @@ class L1(Metric):
             "num_images", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum"
         )
 
+    def provenance(self) -> dict:
+        """How this metric measures (for the results' protocol block)."""
+        return {
+            "definition": "per-image mean |preds - target| on [0,1] images, mean over images",
+            "resize": f"preds resized to the target's size ({self.resize_mode}, antialiased) "
+            "when they differ",
+        }
+
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add a batch: ``preds`` and ``target`` are ``[B, C, H, W]`` in ``[-1, 1]``."""
         preds01, target01 = prepare_pair(preds, target, self.resize_mode)
@@ -170,6 +178,13 @@ class MaskedL1(L1):
     def __init__(self, resize_mode: ResizeMode = "bicubic", **kwargs) -> None:
         super().__init__(resize_mode, **kwargs)
         self.add_state("num_empty", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def provenance(self) -> dict:
+        """How this metric measures (for the results' protocol block)."""
+        return super().provenance() | {
+            "definition": "per-image mean |preds - target| over the mask (edit region) on [0,1] "
+            "images, mean over images with a non-empty mask",
+        }
 
     def update(self, preds: Tensor, target: Tensor, mask: Tensor) -> None:
         """Add a batch: images ``[B, C, H, W]`` in ``[-1, 1]``, ``mask`` ``[B, 1, H, W]`` in {0, 1}."""
@@ -254,6 +269,16 @@ class SSIM(Metric):
         self.add_state(
             "num_images", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum"
         )
+
+    def provenance(self) -> dict:
+        """How this metric measures (for the results' protocol block)."""
+        return {
+            "definition": "torchmetrics SSIM, gaussian 11x11 sigma 1.5, K=(0.01, 0.03), "
+            "data_range 1 on [0,1] images, per-image mean, mean over images",
+            "crop_border": self.crop_border,
+            "resize": f"preds resized to the target's size ({self.resize_mode}, antialiased) "
+            "when they differ",
+        }
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add a batch: ``preds`` and ``target`` are ``[B, C, H, W]`` in ``[-1, 1]``.

@@ -8,7 +8,6 @@ writes ``test_metrics.json`` and keeps only trainable weights in checkpoints.
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from collections.abc import Sequence
@@ -21,6 +20,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MetricCollection
 
 from metrics import edit_metrics, update_edit_metrics
+from metrics.evaluation import EditEvaluator
+from metrics.protocols import Protocol, get_protocol
+from metrics.results import results_document, write_results
 
 
 class CheckpointMismatchError(ValueError):
@@ -58,8 +60,20 @@ class EditModel(L.LightningModule):
         eval_seed: seed of the per-sample noise in validation, test and predict.
         val_num_inference_steps: sampler steps for the edits sampled during validation
             (0 computes only the validation loss).
-        metrics: metric names of the test (and sampled validation) collection; ``None`` takes
-            ``L1``, ``SSIM`` and, when the data has edit masks, ``L1_edit``.
+        metrics: test metric names; ``None`` takes the columns of the data's evaluation
+            protocol (:mod:`metrics.protocols`: MGIE's per-dataset columns).
+        extra_metrics: metrics added to the protocol's (e.g. ``FID``, ``KID``, ``VIEScore``).
+        metric_kwargs: constructor arguments per metric name.
+        backbones: backbone folders/files by kind (``clip``, ``dino``, ``lpips``,
+            ``inception``), shared by the metrics that use them and never saved in
+            checkpoints; default ``$EDITBENCH_BACKBONES/{clip-vit-base-patch32,dino-vits16}``
+            and the torch hub cache.
+        protocol: evaluation protocol name overriding the DataModule's (``None``: the data's).
+        aggregation: the MagicBrush turn aggregation of ``test/<metric>`` and the table
+            (``single``, ``final`` or ``all``); ``None``: the protocol's default.
+        copy_baseline: also score the copy-the-input baseline (``test/copy/*``).
+        val_metrics: metrics of the edits sampled in validation (``None``: ``L1``, ``SSIM`` and,
+            with edit masks, ``L1_edit``).
         check_finite: stop with an error naming the loss term and samples when a loss is not
             finite, instead of training on NaNs.
         init_from: a checkpoint of this model whose trainable weights initialise ``fit``
@@ -86,6 +100,13 @@ class EditModel(L.LightningModule):
         eval_seed: int = 0,
         val_num_inference_steps: int = 0,
         metrics: list[str] | None = None,
+        extra_metrics: list[str] | None = None,
+        metric_kwargs: dict[str, dict] | None = None,
+        backbones: dict[str, str] | None = None,
+        protocol: str | None = None,
+        aggregation: str | None = None,
+        copy_baseline: bool = True,
+        val_metrics: list[str] | None = None,
         check_finite: bool = True,
         init_from: str | None = None,
     ) -> None:
@@ -103,11 +124,18 @@ class EditModel(L.LightningModule):
         self.eval_seed = eval_seed
         self.val_num_inference_steps = val_num_inference_steps
         self.metric_names = list(metrics) if metrics is not None else None
+        self.extra_metrics = list(extra_metrics or [])
+        self.metric_kwargs = dict(metric_kwargs or {})
+        self.backbones = dict(backbones or {})
+        self.protocol_name = protocol
+        self.aggregation = aggregation
+        self.copy_baseline = copy_baseline
+        self.val_metric_names = list(val_metrics) if val_metrics is not None else None
         self.check_finite = check_finite
         self.init_from = init_from
         self.val_metrics: MetricCollection | None = None
-        self.test_metrics: MetricCollection | None = None
-        self.test_copy_metrics: MetricCollection | None = None
+        # Plain attributes, not submodules: metric backbones never enter the state dict.
+        self._evaluators: dict[str, EditEvaluator] = {}
 
     # ----------------------------------------------------------------- to implement
     def training_losses(self, batch: dict, generator: torch.Generator | None = None) -> dict:
@@ -197,8 +225,8 @@ class EditModel(L.LightningModule):
             "generator": sample_generators(ids, self.eval_seed),
         }
 
-    def _metrics_for(self, batch: dict) -> MetricCollection:
-        names = self.metric_names
+    def _val_metrics_for(self, batch: dict) -> MetricCollection:
+        names = self.val_metric_names
         if names is None:
             names = ["L1", "L1_edit", "SSIM"] if "mask" in batch else ["L1", "SSIM"]
         return edit_metrics(names).to(self.device)
@@ -213,7 +241,7 @@ class EditModel(L.LightningModule):
             self.log(key, value, prog_bar=name == "loss", batch_size=bs, sync_dist=True)
         if self.val_num_inference_steps > 0 and "target" in batch:
             if self.val_metrics is None:
-                self.val_metrics = self._metrics_for(batch)
+                self.val_metrics = self._val_metrics_for(batch)
             out = self.edit(
                 batch["source"],
                 batch["instruction"],
@@ -227,32 +255,76 @@ class EditModel(L.LightningModule):
             self.log_dict({f"val/{k}": v for k, v in values.items()})
             self.val_metrics.reset()
 
+    def evaluation_protocol(self) -> Protocol:
+        """The protocol of the test data: ``protocol`` if set, else the DataModule's."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        name = self.protocol_name or getattr(datamodule, "protocol", None) or "generic"
+        protocol = get_protocol(name)
+        return protocol.with_aggregation(self.aggregation) if self.aggregation else protocol
+
+    def build_evaluator(self) -> EditEvaluator:
+        """The test evaluator: the protocol's columns (or ``metrics``) plus ``extra_metrics``."""
+        protocol = self.evaluation_protocol()
+        names = list(self.metric_names or protocol.columns)
+        names += [n for n in self.extra_metrics if n not in names]
+        evaluator = EditEvaluator(
+            protocol,
+            names,
+            metric_kwargs=self.metric_kwargs,
+            backbones=self.backbones,
+            copy_baseline=self.copy_baseline,
+        )
+        return evaluator.to(self.device)
+
     def on_test_epoch_start(self) -> None:
-        self.test_metrics = self.test_copy_metrics = None
+        self._evaluators["test"] = self.build_evaluator()
 
     def test_step(self, batch: dict, batch_idx: int) -> dict:
         if "target" not in batch:
             raise ValueError("the test split has no target images; use `predict` to only edit")
-        if self.test_metrics is None:
-            self.test_metrics = self._metrics_for(batch)
-            self.test_copy_metrics = self.test_metrics.clone()
         out = self.edit(batch["source"], batch["instruction"], **self._eval_kwargs(batch["id"]))
-        mask = batch.get("mask")
-        update_edit_metrics(self.test_metrics, out.images, batch["target"], mask)
-        update_edit_metrics(self.test_copy_metrics, batch["source"], batch["target"], mask)
+        self._evaluators["test"].update(batch, out.images)
         return {"id": list(batch["id"]), "images": out.images}
 
     def on_test_epoch_end(self) -> None:
-        if self.test_metrics is None:
+        evaluator = self._evaluators.pop("test", None)
+        if evaluator is None:
             return
-        results = {f"test/{k}": float(v) for k, v in self.test_metrics.compute().items()}
-        results |= {f"test/copy/{k}": float(v) for k, v in self.test_copy_metrics.compute().items()}
-        self.log_dict(results)
+        results = evaluator.compute()
+        self.log_dict({k: v for k, v in results.items() if math.isfinite(v)}, sync_dist=False)
         if self.trainer.is_global_zero:
-            self._report(results)
+            document = results_document(
+                evaluator,
+                results,
+                model=self,
+                datamodule=getattr(self.trainer, "datamodule", None),
+                run=self._run_record(),
+            )
+            self._report(document)
 
-    def _report(self, results: dict[str, float]) -> None:
-        names = sorted({k.split("/")[-1] for k in results})
+    def _run_record(self) -> dict:
+        trainer = self.trainer
+        logger = trainer.logger
+        scheduler = getattr(getattr(self, "diffusion", None), "scheduler", None)
+        return {
+            "name": getattr(logger, "name", None) if logger is not None else None,
+            "version": getattr(logger, "version", None) if logger is not None else None,
+            "log_dir": trainer.log_dir,
+            "ckpt_path": trainer.ckpt_path,
+            "seed": self.eval_seed,
+            "sampler": {
+                "scheduler": type(scheduler).__name__ if scheduler is not None else None,
+                "num_inference_steps": self.num_inference_steps,
+                "guidance_scale": self.guidance_scale,
+                "image_guidance_scale": self.image_guidance_scale,
+            },
+            "precision": str(trainer.precision),
+            "world_size": trainer.world_size,
+        }
+
+    def _report(self, document: dict) -> None:
+        results = document["metrics"]
+        names = sorted({k[len("test/"):] for k in results if not k.startswith("test/copy/")})
         width = max(len(n) for n in names) + 2
         lines = [f"{'metric':<{width}}{'model':>10}{'copy input':>12}"]
         for n in names:
@@ -260,12 +332,15 @@ class EditModel(L.LightningModule):
                 f"{n:<{width}}{results.get(f'test/{n}', float('nan')):>10.4f}"
                 f"{results.get(f'test/copy/{n}', float('nan')):>12.4f}"
             )
+        protocol = document["protocol"]
+        lines.append(
+            f"protocol {protocol['name']} ({protocol['aggregation']}), "
+            f"{protocol['num_samples']} samples"
+        )
         print("\n".join(lines), flush=True)
         log_dir = self.trainer.log_dir
         if log_dir is not None:
-            path = Path(log_dir) / "test_metrics.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(results, indent=2) + "\n")
+            path = write_results(Path(log_dir) / "test_metrics.json", document)
             rank_zero_info(f"wrote {path}")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:

@@ -89,7 +89,8 @@ def test_test_with_ckpt_abbreviation_writes_metrics(trained, tiny_dir, synthetic
     )
     files = sorted(runs.glob("tiny_inspix2pix/version_*/test_metrics.json"))
     assert files
-    metrics = json.loads(files[-1].read_text())
+    document = json.loads(files[-1].read_text())
+    metrics = document["metrics"]
     for key in (
         "test/L1",
         "test/L1_edit",
@@ -100,6 +101,13 @@ def test_test_with_ckpt_abbreviation_writes_metrics(trained, tiny_dir, synthetic
     ):
         assert key in metrics and metrics[key] == metrics[key]  # present and not NaN
     assert 0 < metrics["test/copy/L1"] < metrics["test/copy/L1_edit"]  # edits are local
+    # The results say how they were measured.
+    protocol = document["protocol"]
+    assert document["dataset"] == protocol["name"] == "synthetic"
+    assert protocol["num_samples"] == 16 and protocol["resolution"] == 32
+    assert set(protocol["metrics"]) == {"L1", "L1_edit", "SSIM"}
+    assert document["table"]["SSIM"] == 100 * metrics["test/SSIM"]
+    assert document["run"]["sampler"]["num_inference_steps"] > 0
     assert "copy input" in capsys.readouterr().out
 
 
