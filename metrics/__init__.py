@@ -18,6 +18,7 @@ from metrics.features import CTS, CVS, DINO, CLIPDirectionalSimilarity, CLIPImag
 from metrics.fid import FID, KID
 from metrics.perceptual import LPIPS
 from metrics.pixel import L1, SSIM, MaskedL1, prepare_pair, to_unit_range
+from metrics.viescore import VIEScore
 
 # Model-backed metrics: their backbone folders/files come from the evaluator's `backbones`
 # (one CLIP for CVS, CTS and the directional metrics) unless `metric_kwargs` names them.
@@ -36,6 +37,11 @@ register_metric(
 )
 register_metric("FID", FID, backbone=("inception", "weights_path"))
 register_metric("KID", KID, backbone=("inception", "weights_path"))
+# VIEScore reports SC, PQ, O and the failure count (test/VIEScore_SC, ...); a paid judge is not
+# asked about the copy baseline.
+register_metric(
+    "VIEScore", VIEScore, inputs=("source", "preds", "instruction"), copy_baseline=False
+)
 
 __all__ = [
     "CLIPDirectionalSimilarity",
@@ -51,6 +57,7 @@ __all__ = [
     "METRICS",
     "SSIM",
     "MaskedL1",
+    "VIEScore",
     "edit_metrics",
     "prepare_pair",
     "register_metric",
