@@ -53,18 +53,25 @@ class InsPix2Pix(EditModel):
         self.tokenizer = None
         self._null_text: torch.Tensor | None = None
 
+    @property
+    def uses_text_encoder(self) -> bool:
+        """Whether the CLIP text encoder conditions the UNet (subclasses may replace it)."""
+        return True
+
     def configure_model(self) -> None:
         if self.diffusion is not None:
             return
         path = Path(self.diffusion_path)
-        if not (path / "text_encoder").is_dir() or not (path / "tokenizer").is_dir():
+        needs_text = self.uses_text_encoder
+        if needs_text and not ((path / "text_encoder").is_dir() and (path / "tokenizer").is_dir()):
             raise FileNotFoundError(
                 f"{path}: diffusion_path must be a diffusers InstructPix2Pix or Stable Diffusion "
                 f"folder with text_encoder/ and tokenizer/ (e.g. a local copy of "
                 f"timbrooks/instruct-pix2pix, or `python -m editbench data make-tiny`)"
             )
-        self.tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+        if needs_text:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+            self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
         self.diffusion = EditDiffusion.from_pretrained(
             path,
             scheduler=self.scheduler_name,
@@ -74,16 +81,17 @@ class InsPix2Pix(EditModel):
         self.diffusion.vae.requires_grad_(False).eval()
         if self.compile_unet:
             self.diffusion.unet.compile()
-        self.text_encoder.requires_grad_(self.train_text_encoder)
-        if not self.train_text_encoder:
-            self.text_encoder.eval()
+        if self.text_encoder is not None:
+            self.text_encoder.requires_grad_(self.train_text_encoder)
+            if not self.train_text_encoder:
+                self.text_encoder.eval()
 
     def train(self, mode: bool = True):
         """Frozen submodules stay in eval mode (no dropout) while the rest trains."""
         super().train(mode)
         if self.diffusion is not None:
             self.diffusion.vae.eval()
-            if not self.train_text_encoder:
+            if self.text_encoder is not None and not self.train_text_encoder:
                 self.text_encoder.eval()
         return self
 
@@ -130,10 +138,33 @@ class InsPix2Pix(EditModel):
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> EditOutput:
         text = self.encode_text(instructions)
-        null = self.null_text()
-        images = self.diffusion.sample(
+        images = self.render(
             source.to(self.device),
             text,
+            self.null_text(),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale,
+            generator=generator,
+        )
+        return EditOutput(images=images)
+
+    def render(
+        self,
+        source: torch.Tensor,
+        cond: torch.Tensor,
+        null: torch.Tensor,
+        *,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """The αV/αX sampler on a condition ``cond`` [B, L, D] and its null [1, L, D]; unset
+        arguments take the model's evaluation settings."""
+        return self.diffusion.sample(
+            source,
+            cond,
             null,
             num_inference_steps=num_inference_steps or self.num_inference_steps,
             guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
@@ -142,4 +173,3 @@ class InsPix2Pix(EditModel):
             ),
             generator=generator,
         )
-        return EditOutput(images=images)

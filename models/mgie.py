@@ -1,0 +1,307 @@
+"""MGIE and LGIE (Fu et al., "Guiding Instruction-based Image Editing via Multimodal Large
+Language Models", ICLR 2024).
+
+MGIE (Sec. 3.2-3.3): an MLLM reads the image and the instruction and answers, after the prompt
+``what will this image be like if <instruction>``, with a concise expressive instruction
+followed by N visual tokens ``[IMG0]..[IMG{N-1}]`` (Eq. 1-2). The edit head T turns the
+last-layer hidden states of the [IMG] tokens (plus their word embeddings) into 77 guidance
+vectors U (Eq. 3), which replace the CLIP text condition of the InstructPix2Pix diffusion model
+F (Eq. 4-5). Training is end to end (Eq. 6)::
+
+    L_all = w_ins * L_ins + w_edit * L_edit,   w_ins = 1, w_edit = 0.5
+
+L_ins is teacher-forced cross-entropy on the expressive instruction and the [IMG] tokens;
+L_edit the diffusion loss of the core (:meth:`EditDiffusion.loss`) conditioned on U, with the
+conditioning dropout whose null condition is T applied to zero hidden states (the released
+code's null prompt). Trainable: the MLLM's word embeddings and LM head, the edit head, the
+UNet; frozen: the vision tower, projector, LLM layers, VAE (no gradients, no optimizer state,
+not saved). Two AdamW groups: 5e-4 for the MLLM side (the edit head lives in the MLLM in the
+released code, ``mllm.pt``) and 1e-4 for the diffusion model.
+
+LGIE (Sec. 4.1 baseline) is the same model on a text-only LLM (LLaMA): ``visual=False``.
+
+The FZ / FT / E2E ablation (Table 3) is ``guidance``: ``edit_head`` (E2E) or ``text``, where
+the generated expressive instruction goes through the diffusion folder's CLIP text encoder as
+text (FT trains the UNet on the data's expressive instructions; FZ trains nothing and is
+test-only). Inference: greedy decoding with the KV cache (``max_new_tokens``), the [IMG] tokens
+appended when not generated, then the αV/αX sampler; ``edit`` returns the expressive
+instructions too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from models.base import EditOutput
+from models.components.edit_head import EditHead
+from models.components.mllm import MLLM, PROMPT_TEMPLATE
+from models.inspix2pix import InsPix2Pix
+
+Guidance = Literal["edit_head", "text"]
+
+
+class MGIE(InsPix2Pix):
+    """MGIE: MLLM-guided image editing, trained end to end.
+
+    Args:
+        mllm_path: a LLaVA folder (llava-hf layout), or a causal LM folder when not ``visual``.
+        diffusion_path: an InstructPix2Pix (or SD v1.5) diffusers folder, as for InsPix2Pix.
+        visual: MGIE (the MLLM sees the image) or LGIE (instruction only).
+        guidance: ``edit_head`` (E2E) or ``text`` (FT/FZ: the expressive instruction as CLIP
+            text).
+        num_img_tokens: N visual tokens (8).
+        max_new_tokens: greedy decoding budget of the expressive instruction at inference.
+        no_repeat_ngram_size: n-gram blocking in decoding (3 in the released demo, 0 off).
+        instruction_loss_weight: w_ins (0 is the paper's "- L_ins" ablation).
+        edit_loss_weight: w_edit (0.5).
+        mllm_learning_rate: the learning rate of the MLLM side (word embeddings, LM head,
+            edit head); ``learning_rate`` is the diffusion model's.
+        train_mllm: train the word embeddings, LM head and edit head (E2E); False for FT/FZ.
+        train_unet: train the UNet (False for FZ).
+        edit_head_dim, edit_head_heads, edit_head_layers, edit_head_ff, num_queries: the edit
+            head (Appendix B: 512, 4, 4 encoder + 4 decoder layers, 2048, 77 queries); its
+            output width is the UNet's cross-attention width.
+        gradient_checkpointing: activation checkpointing of the LLM and the UNet.
+        mllm_dtype: load the frozen MLLM in ``bfloat16``/``float16`` (the trainable word
+            embeddings and LM head stay float32); use with ``trainer.precision: bf16-mixed``.
+        release_mllm, release_unet: the official MGIE files (``mllm.pt``, ``unet.pt``) applied
+            on top of ``mllm_path`` (LLaVA-7B) and ``diffusion_path`` (SD v1.5 widened).
+        unet_init_from: an editbench InsPix2Pix checkpoint whose UNet initialises this one
+            (e.g. the tiny preset starts from the quickstart model, as MGIE starts from a
+            pre-trained diffusion model).
+        prompt_template: the prompt around the instruction.
+        **kwargs: :class:`InsPix2Pix` / :class:`EditModel` arguments.
+    """
+
+    def __init__(
+        self,
+        mllm_path: str,
+        diffusion_path: str,
+        *,
+        visual: bool = True,
+        guidance: Guidance = "edit_head",
+        num_img_tokens: int = 8,
+        max_new_tokens: int = 32,
+        no_repeat_ngram_size: int = 0,
+        instruction_loss_weight: float = 1.0,
+        edit_loss_weight: float = 0.5,
+        mllm_learning_rate: float = 5e-4,
+        train_mllm: bool = True,
+        train_unet: bool = True,
+        edit_head_dim: int = 512,
+        edit_head_heads: int = 4,
+        edit_head_layers: int = 4,
+        edit_head_ff: int = 2048,
+        num_queries: int = 77,
+        gradient_checkpointing: bool = False,
+        mllm_dtype: str | None = None,
+        release_mllm: str | None = None,
+        release_unet: str | None = None,
+        unet_init_from: str | None = None,
+        prompt_template: str = PROMPT_TEMPLATE,
+        **kwargs,
+    ) -> None:
+        super().__init__(diffusion_path, **kwargs)
+        if guidance not in ("edit_head", "text"):
+            raise ValueError(f"guidance must be 'edit_head' or 'text', got {guidance!r}")
+        if guidance == "text" and kwargs.get("train_text_encoder"):
+            raise ValueError("guidance 'text' keeps InsPix2Pix's CLIP text encoder frozen")
+        self.save_hyperparameters()
+        self.mllm_path = mllm_path
+        self.visual = visual
+        self.guidance = guidance
+        self.num_img_tokens = num_img_tokens
+        self.max_new_tokens = max_new_tokens
+        self.no_repeat_ngram_size = no_repeat_ngram_size
+        self.instruction_loss_weight = instruction_loss_weight
+        self.edit_loss_weight = edit_loss_weight
+        self.mllm_learning_rate = mllm_learning_rate
+        self.train_mllm = train_mllm and guidance == "edit_head"
+        self.train_unet = train_unet
+        self.edit_head_config = {
+            "d_model": edit_head_dim,
+            "nhead": edit_head_heads,
+            "num_encoder_layers": edit_head_layers,
+            "num_decoder_layers": edit_head_layers,
+            "dim_feedforward": edit_head_ff,
+            "num_queries": num_queries,
+        }
+        self.gradient_checkpointing = gradient_checkpointing
+        self.mllm_dtype = mllm_dtype
+        self.release_mllm = release_mllm
+        self.release_unet = release_unet
+        self.unet_init_from = unet_init_from
+        self.prompt_template = prompt_template
+        self.mllm: MLLM | None = None
+        self.edit_head: EditHead | None = None
+
+    # ------------------------------------------------------------------ building
+    @property
+    def uses_text_encoder(self) -> bool:
+        return self.guidance == "text"
+
+    def configure_model(self) -> None:
+        if self.diffusion is not None:
+            return
+        super().configure_model()
+        self.mllm = MLLM(
+            self.mllm_path,
+            num_img_tokens=self.num_img_tokens,
+            visual=self.visual,
+            max_new_tokens=self.max_new_tokens,
+            prompt_template=self.prompt_template,
+            gradient_checkpointing=self.gradient_checkpointing,
+            torch_dtype=self.mllm_dtype,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+        )
+        for weight in self.mllm.trainable_parameters():
+            weight.data = weight.data.float()  # trainable weights stay float32 under bf16
+            weight.requires_grad_(self.train_mllm)
+        self.mllm.eval()
+        if self.guidance == "edit_head":
+            width = self.diffusion.unet.config.cross_attention_dim
+            self.edit_head = EditHead(
+                self.mllm.hidden_size, output_dim=width, **self.edit_head_config
+            )
+            self.edit_head.requires_grad_(self.train_mllm)
+        self.diffusion.unet.requires_grad_(self.train_unet)
+        if self.gradient_checkpointing:
+            self.diffusion.unet.enable_gradient_checkpointing()
+        self.frozen_modules = self._frozen_prefixes()
+        if self.release_mllm is not None or self.release_unet is not None:
+            self._apply_release()
+        if self.unet_init_from is not None:
+            self._init_unet(self.unet_init_from)
+
+    def _frozen_prefixes(self) -> tuple[str, ...]:
+        prefixes = ["diffusion.vae"]
+        if self.text_encoder is not None:
+            prefixes.append("text_encoder")
+        if not self.train_unet:
+            prefixes.append("diffusion.unet")
+        if self.train_mllm:
+            prefixes += ["mllm." + p.rstrip(".") for p in self.mllm.frozen_prefixes()]
+        else:
+            prefixes += ["mllm", "edit_head"]
+        return tuple(prefixes)
+
+    def _apply_release(self) -> None:
+        from models.components.mgie_release import apply_release, load_release
+
+        if self.release_mllm is None:
+            raise ValueError("release_unet needs release_mllm (the official mllm.pt) too")
+        weights = load_release(self.release_mllm, self.release_unet)
+        apply_release(self.mllm, self.edit_head, self.diffusion.unet, weights)
+        rank_zero_info(f"applied the MGIE release {self.release_mllm} / {self.release_unet}")
+
+    def _init_unet(self, path: str) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"unet_init_from checkpoint {path} not found")
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        prefix = "diffusion.unet."
+        unet = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not unet:
+            raise FileNotFoundError(f"{path} holds no {prefix}* weights (not an editbench model)")
+        self.diffusion.unet.load_state_dict(unet, strict=True)
+        rank_zero_info(f"initialised the UNet from {path}")
+
+    def train(self, mode: bool = True):
+        """The MLLM (only its embeddings and head train; no dropout in frozen layers) and the
+        frozen parts stay in eval mode."""
+        super().train(mode)
+        if self.mllm is not None:
+            self.mllm.eval()
+            if self.gradient_checkpointing and mode:
+                self.mllm.model.train()  # checkpointing only runs in train mode; dropout is 0
+        return self
+
+    def param_groups(self) -> list[dict]:
+        """Two AdamW groups (Sec. 4.1): the MLLM side at ``mllm_learning_rate`` (word
+        embeddings, LM head, edit head) and the diffusion model at ``learning_rate``."""
+        groups = []
+        if self.train_mllm:
+            mllm = self.mllm.trainable_parameters() + list(self.edit_head.parameters())
+            groups.append({"params": mllm, "lr": self.mllm_learning_rate, "name": "mllm"})
+        if self.train_unet:
+            unet = list(self.diffusion.unet.parameters())
+            groups.append({"params": unet, "lr": self.learning_rate, "name": "diffusion"})
+        return groups
+
+    # ------------------------------------------------------------------ conditions
+    def _images_for_mllm(self, source: torch.Tensor) -> torch.Tensor | None:
+        return source if self.visual else None
+
+    def guidance_from(self, img_hidden: torch.Tensor, img_embeds: torch.Tensor):
+        """The edit head's condition U [B, 77, D] and its null condition [1, 77, D] (the head on
+        zero hidden states)."""
+        cond = self.edit_head(img_hidden, img_embeds)
+        null = self.edit_head.null_condition(img_embeds[:1])
+        return cond, null
+
+    def training_losses(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        if "expressive" not in batch or any(e is None for e in batch["expressive"]):
+            raise KeyError(
+                "MGIE trains on expressive instructions: the batch has no 'expressive' for "
+                f"samples {batch['id'][:3]}; set data.init_args.expressive_path to the JSONL of "
+                "`python -m editbench data expressive`"
+            )
+        source, target = batch["source"], batch["target"]
+        if self.guidance == "text":  # FT: InsPix2Pix on the expressive instruction as text
+            text = self.encode_text(batch["expressive"])
+            out = self.diffusion.loss(source, target, text, self.null_text(), generator=generator)
+            return {"loss": out.loss, "loss_edit": out.loss.detach()}
+        mllm_out = self.mllm.training_forward(
+            self._images_for_mllm(source), batch["instruction"], batch["expressive"]
+        )
+        cond, null = self.guidance_from(mllm_out.img_hidden, mllm_out.img_embeds)
+        edit = self.diffusion.loss(source, target, cond, null, generator=generator)
+        loss = self.instruction_loss_weight * mllm_out.loss + self.edit_loss_weight * edit.loss
+        return {
+            "loss": loss,
+            "loss_ins": mllm_out.loss.detach(),
+            "loss_edit": edit.loss.detach(),
+            "token_accuracy": mllm_out.token_accuracy.detach(),
+        }
+
+    @torch.no_grad()
+    def edit(
+        self,
+        source: torch.Tensor,
+        instructions: Sequence[str],
+        *,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> EditOutput:
+        source = source.to(self.device)
+        generation = self.mllm.generate(self._images_for_mllm(source), list(instructions))
+        if self.guidance == "edit_head":
+            cond, null = self.guidance_from(generation.img_hidden, generation.img_embeds)
+        else:
+            cond, null = self.encode_text(generation.texts), self.null_text()
+        images = self.render(
+            source,
+            cond,
+            null,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale,
+            generator=generator,
+        )
+        return EditOutput(images=images, expressive=generation.texts)
+
+
+class LGIE(MGIE):
+    """LGIE (MGIE Sec. 4.1): MGIE on a text-only LLM (LLaMA) that never sees the image."""
+
+    def __init__(self, mllm_path: str, diffusion_path: str, *, visual: bool = False, **kwargs):
+        if visual:
+            raise ValueError("LGIE is the text-only variant: visual must be False")
+        super().__init__(mllm_path, diffusion_path, visual=False, **kwargs)

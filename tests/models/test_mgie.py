@@ -1,0 +1,201 @@
+"""MGIE / LGIE on the tiny checkpoints: losses, trainable sets, sampler parity, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import StableDiffusionInstructPix2PixPipeline
+
+from models.mgie import LGIE, MGIE
+
+INSTRUCTIONS = ["make the red circle blue", "remove the green square"]
+EXPRESSIVE = ["the circle turns blue", "the square is gone and the background shows"]
+
+
+def smooth_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear")
+
+
+def tiny_head() -> dict:
+    return {"edit_head_dim": 32, "edit_head_heads": 4, "edit_head_layers": 1, "edit_head_ff": 64}
+
+
+def build(tiny_dir, cls=MGIE, llm="llava", **kwargs):
+    torch.manual_seed(0)
+    model = cls(
+        mllm_path=str(tiny_dir / llm),
+        diffusion_path=str(tiny_dir / "instruct-pix2pix"),
+        max_new_tokens=6,
+        **tiny_head(),
+        **kwargs,
+    )
+    model.configure_model()
+    return model
+
+
+def batch(n: int = 2) -> dict:
+    return {
+        "id": [f"s{i}" for i in range(n)],
+        "source": smooth_images(n),
+        "target": smooth_images(n, seed=1),
+        "instruction": INSTRUCTIONS[:n],
+        "expressive": EXPRESSIVE[:n],
+    }
+
+
+@pytest.fixture(scope="module")
+def mgie(tiny_dir):
+    return build(tiny_dir)
+
+
+def test_loss_is_weighted_sum_and_only_trainables_get_gradients(tiny_dir):
+    model = build(tiny_dir, instruction_loss_weight=1.0, edit_loss_weight=0.5)
+    model.train()
+    losses = model.training_losses(batch(), generator=torch.Generator().manual_seed(0))
+    expected = losses["loss_ins"] + 0.5 * losses["loss_edit"]
+    assert torch.allclose(losses["loss"], expected, atol=1e-6)
+    losses["loss"].backward()
+
+    trainable = {id(p) for g in model.param_groups() for p in g["params"]}
+    expected_trainable = (
+        {id(p) for p in model.mllm.trainable_parameters()}
+        | {id(p) for p in model.edit_head.parameters()}
+        | {id(p) for p in model.diffusion.unet.parameters()}
+    )
+    assert trainable == expected_trainable
+    assert trainable == {id(p) for p in model.parameters() if p.requires_grad}
+    for name, p in model.named_parameters():
+        if id(p) in trainable:
+            continue
+        assert p.grad is None, f"frozen {name} got a gradient"
+    # Every trainable part is reached by the loss.
+    assert model.mllm.embed_tokens.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.edit_head.parameters())
+    assert model.diffusion.unet.conv_in.weight.grad.abs().sum() > 0
+
+    groups = model.param_groups()
+    assert [g["lr"] for g in groups] == [5e-4, model.learning_rate] == [5e-4, 1e-4]
+    optimizer = torch.optim.AdamW(groups)
+    optimizer.step()
+    assert {id(p) for p in optimizer.state} == trainable  # no state for frozen weights
+
+
+def test_without_instruction_loss_the_mllm_learns_only_through_the_edit(tiny_dir):
+    model = build(tiny_dir, instruction_loss_weight=0.0)
+    model.train()
+    losses = model.training_losses(batch(), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(losses["loss"], 0.5 * losses["loss_edit"], atol=1e-6)
+    assert losses["loss_ins"] > 0  # still measured and logged
+
+
+def test_missing_expressive_is_a_clear_error(mgie):
+    data = batch()
+    del data["expressive"]
+    with pytest.raises(KeyError, match="expressive_path"):
+        mgie.training_losses(data)
+
+
+def test_sampler_matches_pipeline_with_prompt_embeds(mgie, tiny_dir):
+    """Given the same edit-head embeddings, MGIE's sampler = the diffusers pipeline called with
+    prompt_embeds / negative_prompt_embeds, which is how the official demo renders."""
+    mgie.eval()
+    source = smooth_images(2)
+    generation = mgie.mllm.generate(source, INSTRUCTIONS)
+    with torch.no_grad():
+        cond, null = mgie.guidance_from(generation.img_hidden, generation.img_embeds)
+    kwargs = {"num_inference_steps": 6, "guidance_scale": 7.5, "image_guidance_scale": 1.5}
+    ours = mgie.render(source, cond, null, generator=torch.Generator().manual_seed(7), **kwargs)
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+        tiny_dir / "instruct-pix2pix", safety_checker=None, requires_safety_checker=False
+    )
+    pipe.unet.load_state_dict(mgie.diffusion.unet.state_dict())
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(
+        prompt_embeds=cond,
+        negative_prompt_embeds=null.expand_as(cond),
+        image=(source + 1) / 2,
+        generator=torch.Generator().manual_seed(7),
+        output_type="pt",
+        **kwargs,
+    ).images
+    ours01 = (ours / 2 + 0.5).clamp(0, 1)
+    assert (ours01 - ref).abs().max().item() <= 1e-4
+    # Not vacuous: other guidance changes the image.
+    other = mgie.render(
+        source, cond.flip(0), null, generator=torch.Generator().manual_seed(7), **kwargs
+    )
+    assert (other - ours).abs().max() > 1e-3
+
+
+def test_edit_returns_expressive_instructions_and_is_batch_independent(mgie):
+    mgie.eval()
+    from models.base import sample_generators
+
+    source = smooth_images(2)
+    kwargs = {"num_inference_steps": 3}
+    both = mgie.edit(source, INSTRUCTIONS, generator=sample_generators(["a", "b"], 0), **kwargs)
+    assert isinstance(both.expressive, list) and len(both.expressive) == 2
+    assert all(isinstance(t, str) for t in both.expressive)
+    one = mgie.edit(source[1:], INSTRUCTIONS[1:], generator=sample_generators(["b"], 0), **kwargs)
+    assert one.expressive == both.expressive[1:]
+    assert (one.images - both.images[1:]).abs().max() < 1e-4
+
+
+def test_checkpoint_keeps_trainables_only_and_reloads_strictly(tiny_dir, mgie):
+    checkpoint = {"state_dict": mgie.state_dict()}
+    mgie.on_save_checkpoint(checkpoint)
+    keys = set(checkpoint["state_dict"])
+    trainable = {n for n, p in mgie.named_parameters() if p.requires_grad}
+    assert trainable <= keys
+    assert not any(k.startswith(("diffusion.vae.", "mllm.model.model.language_model.layers"))
+                   for k in keys)
+    assert not any("vision_tower" in k for k in keys)
+    fresh = build(tiny_dir)
+    saved = copy.deepcopy(checkpoint)
+    fresh.on_load_checkpoint(saved)
+    fresh.load_state_dict(saved["state_dict"], strict=True)
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, dict(mgie.named_parameters())[name])
+
+
+def test_lgie_is_text_only(tiny_dir):
+    model = build(tiny_dir, cls=LGIE, llm="llama")
+    assert not model.visual
+    model.train()
+    losses = model.training_losses(batch(), generator=torch.Generator().manual_seed(0))
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in model.edit_head.parameters())
+    assert all(p.grad is None for n, p in model.mllm.named_parameters() if not p.requires_grad)
+    model.eval()
+    out = model.edit(smooth_images(1), INSTRUCTIONS[:1], num_inference_steps=2)
+    assert out.images.shape == (1, 3, 32, 32) and len(out.expressive) == 1
+    with pytest.raises(ValueError, match="text-only"):
+        LGIE(str(tiny_dir / "llama"), str(tiny_dir / "instruct-pix2pix"), visual=True)
+
+
+def test_ft_guidance_trains_only_the_unet_on_expressive_text(tiny_dir):
+    model = build(tiny_dir, guidance="text")
+    assert model.edit_head is None and model.text_encoder is not None
+    groups = model.param_groups()
+    assert len(groups) == 1 and groups[0]["name"] == "diffusion"
+    assert {id(p) for p in groups[0]["params"]} == {
+        id(p) for p in model.parameters() if p.requires_grad
+    }
+    model.train()
+    model.training_losses(batch())["loss"].backward()
+    assert all(p.grad is None for p in model.mllm.parameters())
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    assert all(k.startswith("diffusion.unet.") for k in checkpoint["state_dict"])
+    model.eval()
+    out = model.edit(smooth_images(1), INSTRUCTIONS[:1], num_inference_steps=2)
+    assert len(out.expressive) == 1
+
+
+def test_fz_has_nothing_to_train(tiny_dir):
+    model = build(tiny_dir, guidance="text", train_unet=False)
+    assert model.param_groups() == []
