@@ -199,3 +199,34 @@ def test_ft_guidance_trains_only_the_unet_on_expressive_text(tiny_dir):
 def test_fz_has_nothing_to_train(tiny_dir):
     model = build(tiny_dir, guidance="text", train_unet=False)
     assert model.param_groups() == []
+
+
+def test_memory_accounting_counts_what_the_module_trains(tiny_dir, mgie):
+    """benchmarks/memory.py's meta-device counts (used for the 7B numbers) equal the real
+    module's trainable and frozen parameter counts on the tiny configs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import LlavaConfig
+
+    from benchmarks.memory import memory_report, mgie_parameter_counts
+
+    folder = tiny_dir / "instruct-pix2pix"
+    head = tiny_head()
+    counts = mgie_parameter_counts(
+        LlavaConfig.from_pretrained(tiny_dir / "llava"),
+        dict(UNet2DConditionModel.load_config(folder / "unet")),
+        dict(AutoencoderKL.load_config(folder / "vae")),
+        edit_head={
+            "d_model": head["edit_head_dim"],
+            "nhead": head["edit_head_heads"],
+            "num_encoder_layers": head["edit_head_layers"],
+            "num_decoder_layers": head["edit_head_layers"],
+            "dim_feedforward": head["edit_head_ff"],
+        },
+    )
+    trainable = sum(p.numel() for g in mgie.param_groups() for p in g["params"])
+    report = memory_report(counts)
+    assert report["trainable_params"] == trainable
+    frozen_mllm = sum(p.numel() for p in mgie.mllm.parameters() if not p.requires_grad)
+    assert counts["mllm_frozen"] == frozen_mllm
+    assert counts["vae_frozen"] == sum(p.numel() for p in mgie.diffusion.vae.parameters())
+    assert report["adamw_state_gib"] == pytest.approx(trainable * 8 / 1024**3)
