@@ -284,13 +284,13 @@ class EditModel(L.LightningModule):
             raise ValueError("the test split has no target images; use `predict` to only edit")
         out = self.edit(batch["source"], batch["instruction"], **self._eval_kwargs(batch["id"]))
         self._evaluators["test"].update(batch, out.images)
-        return {"id": list(batch["id"]), "images": out.images}
+        return {"id": list(batch["id"]), "images": out.images, "expressive": out.expressive}
 
     def on_test_epoch_end(self) -> None:
         evaluator = self._evaluators.pop("test", None)
         if evaluator is None:
             return
-        results = evaluator.compute()
+        results = evaluator.compute() | self.extra_test_results()
         self.log_dict({k: v for k, v in results.items() if math.isfinite(v)}, sync_dist=False)
         if self.trainer.is_global_zero:
             document = results_document(
@@ -301,6 +301,11 @@ class EditModel(L.LightningModule):
                 run=self._run_record(),
             )
             self._report(document)
+
+    def extra_test_results(self) -> dict[str, float]:
+        """Model-specific test results (``test/<name>``) added to the metrics, e.g. MGIE's
+        expressive-instruction accuracy; computed on every process (they may sync)."""
+        return {}
 
     def _run_record(self) -> dict:
         trainer = self.trainer

@@ -36,6 +36,7 @@ from typing import Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
 
 from models.base import EditOutput
 from models.components.edit_head import EditHead
@@ -202,7 +203,11 @@ class MGIE(InsPix2Pix):
     def _init_unet(self, path: str) -> None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"unet_init_from checkpoint {path} not found")
+            raise FileNotFoundError(
+                f"unet_init_from checkpoint {path} not found (the tiny MGIE/LGIE presets start "
+                f"from the quickstart model: run `python -m editbench fit -c "
+                f"experiments/quickstart.yaml` first, or set model.init_args.unet_init_from null)"
+            )
         state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
         prefix = "diffusion.unet."
         unet = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -267,6 +272,47 @@ class MGIE(InsPix2Pix):
             "loss_ins": mllm_out.loss.detach(),
             "loss_edit": edit.loss.detach(),
             "token_accuracy": mllm_out.token_accuracy.detach(),
+        }
+
+    # ------------------------------------------------------------------ evaluation
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._expressive_metrics = {
+            "expressive_token_accuracy": MeanMetric().to(self.device),
+            "expressive_loss": MeanMetric().to(self.device),
+            "expressive_match": MeanMetric().to(self.device),
+        }
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        """The edit metrics, plus how well the expressive instructions match the data's:
+        teacher-forced token accuracy and L_ins, and the share of ground-truth tokens the
+        greedy generation reproduces at their position (``expressive_match``)."""
+        out = super().test_step(batch, batch_idx)
+        if self.guidance == "edit_head" and batch.get("expressive") is not None:
+            metrics = self._expressive_metrics
+            images = self._images_for_mllm(batch["source"])
+            forced = self.mllm.training_forward(images, batch["instruction"], batch["expressive"])
+            n = len(batch["id"])
+            metrics["expressive_token_accuracy"].update(forced.token_accuracy, weight=n)
+            metrics["expressive_loss"].update(forced.loss, weight=n)
+            for generated, truth in zip(out["expressive"], batch["expressive"], strict=True):
+                metrics["expressive_match"].update(self._token_match(generated, truth))
+        return out
+
+    def _token_match(self, generated: str, truth: str) -> torch.Tensor:
+        """Share of the ground truth's tokens that the generation has at the same position."""
+        tokenize = self.mllm.tokenizer
+        want = tokenize(truth.strip(), add_special_tokens=False)["input_ids"]
+        got = tokenize(generated.strip(), add_special_tokens=False)["input_ids"]
+        hits = sum(a == b for a, b in zip(got, want, strict=False))
+        return torch.tensor(hits / max(len(want), 1), device=self.device)
+
+    def extra_test_results(self) -> dict[str, float]:
+        metrics = getattr(self, "_expressive_metrics", {})
+        return {
+            f"test/{name}": float(metric.compute())
+            for name, metric in metrics.items()
+            if metric.update_called
         }
 
     @torch.no_grad()

@@ -230,3 +230,32 @@ def test_memory_accounting_counts_what_the_module_trains(tiny_dir, mgie):
     assert counts["mllm_frozen"] == frozen_mllm
     assert counts["vae_frozen"] == sum(p.numel() for p in mgie.diffusion.vae.parameters())
     assert report["adamw_state_gib"] == pytest.approx(trainable * 8 / 1024**3)
+
+
+def test_test_step_reports_expressive_accuracy(tiny_dir, synthetic_root, tmp_path):
+    """`test` on synthetic data reports the teacher-forced token accuracy, L_ins and the
+    generated-vs-ground-truth token match of the expressive instructions."""
+    import lightning as L
+
+    from datamodules.synthetic import SyntheticEditDataModule
+
+    model = build(tiny_dir, num_inference_steps=2)
+    data = SyntheticEditDataModule(
+        root=str(synthetic_root),
+        resolution=32,
+        eval_batch_size=8,
+        num_workers=0,
+        max_samples=8,
+        num_train=64,
+        num_val=16,
+        num_test=16,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
+    results = trainer.test(model, datamodule=data, verbose=False)[0]
+    for key in ("expressive_token_accuracy", "expressive_loss", "expressive_match"):
+        assert f"test/{key}" in results
+    assert 0.0 <= results["test/expressive_token_accuracy"] <= 1.0
+    assert results["test/expressive_loss"] > 0
+    assert "test/L1_edit" in results and "test/copy/L1_edit" in results
