@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.base import BadSampleError, EditDataModule
 from editbench.callbacks import EditImageLogger, EditPredictionWriter, MultiTurnChaining
+from editbench.commands.expressive import CommandInputError
 from models.base import CheckpointMismatchError, EditModel
 
 # main() hands LightningCLI an explicit argument list (after the checkpoint defaults), which is
@@ -111,6 +112,7 @@ USER_ERRORS = (
     FloatingPointError,
     CheckpointMismatchError,
     MisconfigurationException,
+    CommandInputError,
 )
 
 

@@ -1,4 +1,5 @@
-"""``python -m editbench data``: write the synthetic dataset or the tiny checkpoints."""
+"""``python -m editbench data``: write the synthetic dataset or the tiny checkpoints, look at a
+configured dataset, or write its expressive instructions."""
 
 from __future__ import annotations
 
@@ -76,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--checksums", default=None, help="write a sha256 manifest here")
             cmd.add_argument("--num_workers", type=int, default=0)
         cmd.set_defaults(func=_inspect_or_verify)
+
+    from editbench.commands.expressive import add_arguments
+
+    expressive = sub.add_parser(
+        "expressive",
+        help="MGIE expressive instructions (LLaVA narration + Flan-T5 summary) as JSONL",
+        description="Other --data.* flags override the config, e.g. --data.init_args.root=DIR.",
+    )
+    add_arguments(expressive)
+    expressive.set_defaults(func=_expressive)
     return parser
 
 
@@ -85,6 +96,21 @@ def _inspect_or_verify(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _expressive(args: argparse.Namespace, overrides: list[str]) -> int:
+    from editbench.commands.expressive import run
+
+    return run(args, overrides)
+
+
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `expressive` passes the flags it does not know (--data.init_args.root=DIR ...) on to the
+    # config parser, in their order.
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "expressive":
+        return args.func(args, extra)
+    if args.command in ("inspect", "verify"):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
