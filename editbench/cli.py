@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from datamodules.base import BadSampleError, EditDataModule
 from editbench.callbacks import EditImageLogger, EditPredictionWriter, MultiTurnChaining
 from editbench.commands.expressive import CommandInputError
+from editbench.commands.report import ReportError
 from models.base import CheckpointMismatchError, EditModel
 
 # main() hands LightningCLI an explicit argument list (after the checkpoint defaults), which is
@@ -113,6 +114,7 @@ USER_ERRORS = (
     CheckpointMismatchError,
     MisconfigurationException,
     CommandInputError,
+    ReportError,
 )
 
 
