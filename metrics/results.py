@@ -49,12 +49,13 @@ def eval_transform_description(resolution: int | None) -> str:
 
 
 def data_description(datamodule: Any) -> dict[str, Any]:
-    """The DataModule fields that change what a metric sees."""
+    """The DataModule fields that change what a metric sees (not `expressive_path`: that is
+    model input, and runs with and without it must share a report column)."""
     if datamodule is None:
         return {"class_path": None}
     cls = type(datamodule)
     record = {"class_path": f"{cls.__module__}.{cls.__qualname__}"}
-    for key in ("max_samples", "expressive_path", "caption_source", "test_mode"):
+    for key in ("max_samples", "caption_source", "test_mode"):
         if hasattr(datamodule, key):
             record[key] = getattr(datamodule, key)
     return record

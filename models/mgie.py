@@ -23,7 +23,10 @@ LGIE (Sec. 4.1 baseline) is the same model on a text-only LLM (LLaMA): ``visual=
 The FZ / FT / E2E ablation (Table 3) is ``guidance``: ``edit_head`` (E2E) or ``text``, where
 the generated expressive instruction goes through the diffusion folder's CLIP text encoder as
 text (FT trains the UNet on the data's expressive instructions; FZ trains nothing and is
-test-only). Inference: greedy decoding with the KV cache (``max_new_tokens``), the [IMG] tokens
+test-only). Table 5's instruction encoders (InsPix2Pix + EncLLaMA / EncLLaVA) are ``encoder``:
+no generation and no L_ins; the frozen LLM's last-layer hidden states of the prompt (its last
+``num_queries`` positions), through a trained linear projection, replace the CLIP text
+condition. Inference: greedy decoding with the KV cache (``max_new_tokens``), the [IMG] tokens
 appended when not generated, then the αV/αX sampler; ``edit`` returns the expressive
 instructions too.
 """
@@ -43,7 +46,8 @@ from models.components.edit_head import EditHead
 from models.components.mllm import MLLM, PROMPT_TEMPLATE
 from models.inspix2pix import InsPix2Pix
 
-Guidance = Literal["edit_head", "text"]
+Guidance = Literal["edit_head", "text", "encoder"]
+GUIDANCES = ("edit_head", "text", "encoder")
 
 
 class MGIE(InsPix2Pix):
@@ -53,8 +57,8 @@ class MGIE(InsPix2Pix):
         mllm_path: a LLaVA folder (llava-hf layout), or a causal LM folder when not ``visual``.
         diffusion_path: an InstructPix2Pix (or SD v1.5) diffusers folder, as for InsPix2Pix.
         visual: MGIE (the MLLM sees the image) or LGIE (instruction only).
-        guidance: ``edit_head`` (E2E) or ``text`` (FT/FZ: the expressive instruction as CLIP
-            text).
+        guidance: ``edit_head`` (E2E), ``text`` (FT/FZ: the expressive instruction as CLIP
+            text) or ``encoder`` (Table 5: the LLM's hidden states of the instruction, projected).
         num_img_tokens: N visual tokens (8).
         max_new_tokens: greedy decoding budget of the expressive instruction at inference.
         no_repeat_ngram_size: n-gram blocking in decoding (3 in the released demo, 0 off).
@@ -108,8 +112,8 @@ class MGIE(InsPix2Pix):
         **kwargs,
     ) -> None:
         super().__init__(diffusion_path, **kwargs)
-        if guidance not in ("edit_head", "text"):
-            raise ValueError(f"guidance must be 'edit_head' or 'text', got {guidance!r}")
+        if guidance not in GUIDANCES:
+            raise ValueError(f"guidance must be one of {GUIDANCES}, got {guidance!r}")
         if guidance == "text" and kwargs.get("train_text_encoder"):
             raise ValueError("guidance 'text' keeps InsPix2Pix's CLIP text encoder frozen")
         self.save_hyperparameters()
@@ -140,6 +144,7 @@ class MGIE(InsPix2Pix):
         self.prompt_template = prompt_template
         self.mllm: MLLM | None = None
         self.edit_head: EditHead | None = None
+        self.instruction_projection: torch.nn.Linear | None = None
 
     # ------------------------------------------------------------------ building
     @property
@@ -170,6 +175,10 @@ class MGIE(InsPix2Pix):
                 self.mllm.hidden_size, output_dim=width, **self.edit_head_config
             )
             self.edit_head.requires_grad_(self.train_mllm)
+        elif self.guidance == "encoder":
+            width = self.diffusion.unet.config.cross_attention_dim
+            self.instruction_projection = torch.nn.Linear(self.mllm.hidden_size, width)
+            self.instruction_projection.requires_grad_(self.train_unet)
         self.diffusion.unet.requires_grad_(self.train_unet)
         if self.gradient_checkpointing:
             self.diffusion.unet.enable_gradient_checkpointing()
@@ -184,7 +193,7 @@ class MGIE(InsPix2Pix):
         if self.text_encoder is not None:
             prefixes.append("text_encoder")
         if not self.train_unet:
-            prefixes.append("diffusion.unet")
+            prefixes += ["diffusion.unet", "instruction_projection"]
         if self.train_mllm:
             prefixes += ["mllm." + p.rstrip(".") for p in self.mllm.frozen_prefixes()]
         else:
@@ -235,6 +244,8 @@ class MGIE(InsPix2Pix):
             groups.append({"params": mllm, "lr": self.mllm_learning_rate, "name": "mllm"})
         if self.train_unet:
             unet = list(self.diffusion.unet.parameters())
+            if self.instruction_projection is not None:
+                unet += list(self.instruction_projection.parameters())
             groups.append({"params": unet, "lr": self.learning_rate, "name": "diffusion"})
         return groups
 
@@ -249,7 +260,38 @@ class MGIE(InsPix2Pix):
         null = self.edit_head.null_condition(img_embeds[:1])
         return cond, null
 
+    def encode_instructions(self, source: torch.Tensor, instructions: Sequence[str]):
+        """Table 5's instruction encoder: the frozen LLM's last-layer hidden states of the last
+        ``num_queries`` prompt positions, projected to the UNet's width; null = the empty
+        instruction (on a grey image for LLaVA). Returns (cond [B, L, D], null [1, L, D])."""
+        length = self.edit_head_config["num_queries"]
+
+        def encode(texts: list[str], images: torch.Tensor | None) -> torch.Tensor:
+            enc = self.mllm.encode_prompts(texts, images)
+            with torch.no_grad():
+                hidden = self.mllm.hidden_states(
+                    enc["input_ids"], enc["attention_mask"], enc.get("pixel_values")
+                )
+            # Padding positions are zeros, so a row's condition does not depend on its batch.
+            hidden = hidden * enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            hidden = hidden[:, -length:]  # left padding: the instruction ends every row
+            if hidden.shape[1] < length:
+                hidden = torch.nn.functional.pad(hidden, (0, 0, length - hidden.shape[1], 0))
+            return self.instruction_projection(hidden.to(self.instruction_projection.weight))
+
+        images = self._images_for_mllm(source)
+        cond = encode(list(instructions), images)
+        # The null condition must not depend on the batch: the empty instruction on a grey image.
+        null = encode([""], None if images is None else torch.zeros_like(images[:1]))
+        return cond, null
+
     def training_losses(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        if self.guidance == "encoder":  # Table 5: no expressive instruction, no L_ins
+            cond, null = self.encode_instructions(batch["source"], batch["instruction"])
+            out = self.diffusion.loss(
+                batch["source"], batch["target"], cond, null, generator=generator
+            )
+            return {"loss": out.loss, "loss_edit": out.loss.detach()}
         if "expressive" not in batch or any(e is None for e in batch["expressive"]):
             raise KeyError(
                 "MGIE trains on expressive instructions: the batch has no 'expressive' for "
@@ -327,6 +369,18 @@ class MGIE(InsPix2Pix):
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> EditOutput:
         source = source.to(self.device)
+        if self.guidance == "encoder":
+            cond, null = self.encode_instructions(source, instructions)
+            images = self.render(
+                source,
+                cond,
+                null,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                image_guidance_scale=image_guidance_scale,
+                generator=generator,
+            )
+            return EditOutput(images=images)
         generation = self.mllm.generate(self._images_for_mllm(source), list(instructions))
         if self.guidance == "edit_head":
             cond, null = self.guidance_from(generation.img_hidden, generation.img_embeds)

@@ -259,3 +259,44 @@ def test_test_step_reports_expressive_accuracy(tiny_dir, synthetic_root, tmp_pat
     assert 0.0 <= results["test/expressive_token_accuracy"] <= 1.0
     assert results["test/expressive_loss"] > 0
     assert "test/L1_edit" in results and "test/copy/L1_edit" in results
+
+
+@pytest.mark.parametrize("cls,llm", [(MGIE, "llava"), (LGIE, "llama")], ids=["llava", "llama"])
+def test_encoder_guidance_is_table5_instruction_encoder(tiny_dir, cls, llm):
+    """InsPix2Pix + Enc{LLaVA,LLaMA}: only the UNet and the projection train, the condition is
+    the projected hidden states of the prompt, and edits are independent of the batch."""
+    model = build(tiny_dir, cls=cls, llm=llm, guidance="encoder", num_queries=16)
+    trainable = {id(p) for g in model.param_groups() for p in g["params"]}
+    assert trainable == {id(p) for p in model.diffusion.unet.parameters()} | {
+        id(p) for p in model.instruction_projection.parameters()
+    }
+    assert trainable == {id(p) for p in model.parameters() if p.requires_grad}
+    model.train()
+    model.training_losses(batch())["loss"].backward()
+    assert model.instruction_projection.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.mllm.parameters())
+
+    model.eval()
+    source = smooth_images(2)
+    cond, null = model.encode_instructions(source, INSTRUCTIONS)
+    assert cond.shape == (2, 16, model.diffusion.unet.config.cross_attention_dim)
+    assert null.shape == (1, *cond.shape[1:])
+    # Independent reference: the projection of the last 16 hidden states of one prompt alone.
+    enc = model.mllm.encode_prompts(INSTRUCTIONS[1:], source[1:] if model.visual else None)
+    with torch.no_grad():
+        hidden = model.mllm.hidden_states(
+            enc["input_ids"], enc["attention_mask"], enc.get("pixel_values")
+        )
+        alone = model.instruction_projection(hidden[:, -16:])
+    assert torch.allclose(cond[1:], alone, atol=1e-5)
+    from models.base import sample_generators
+
+    both = model.edit(source, INSTRUCTIONS, num_inference_steps=2,
+                      generator=sample_generators(["a", "b"], 0)).images
+    one = model.edit(source[1:], INSTRUCTIONS[1:], num_inference_steps=2,
+                     generator=sample_generators(["b"], 0)).images
+    assert (both[1:] - one).abs().max() < 1e-4
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    assert all(k.startswith(("diffusion.unet.", "instruction_projection."))
+               for k in checkpoint["state_dict"])
