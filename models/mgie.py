@@ -68,6 +68,10 @@ class MGIE(InsPix2Pix):
             edit head); ``learning_rate`` is the diffusion model's.
         train_mllm: train the word embeddings, LM head and edit head (E2E); False for FT/FZ.
         train_unet: train the UNet (False for FZ).
+        train_llm: also train the LLM's transformer layers and final norm (not the vision tower
+            or projector). Not in the paper, whose LLaVA is pre-trained and stays frozen: for
+            the tiny preset, whose random 2-layer LLM cannot route the instruction and image
+            into the [IMG] positions while frozen.
         edit_head_dim, edit_head_heads, edit_head_layers, edit_head_ff, num_queries: the edit
             head (Appendix B: 512, 4, 4 encoder + 4 decoder layers, 2048, 77 queries); its
             output width is the UNet's cross-attention width.
@@ -98,6 +102,7 @@ class MGIE(InsPix2Pix):
         mllm_learning_rate: float = 5e-4,
         train_mllm: bool = True,
         train_unet: bool = True,
+        train_llm: bool = False,
         edit_head_dim: int = 512,
         edit_head_heads: int = 4,
         edit_head_layers: int = 4,
@@ -128,6 +133,7 @@ class MGIE(InsPix2Pix):
         self.mllm_learning_rate = mllm_learning_rate
         self.train_mllm = train_mllm and guidance == "edit_head"
         self.train_unet = train_unet
+        self.train_llm = train_llm and self.train_mllm
         self.edit_head_config = {
             "d_model": edit_head_dim,
             "nhead": edit_head_heads,
@@ -168,6 +174,8 @@ class MGIE(InsPix2Pix):
         for weight in self.mllm.trainable_parameters():
             weight.data = weight.data.float()  # trainable weights stay float32 under bf16
             weight.requires_grad_(self.train_mllm)
+        for weight in self._llm_layer_parameters():
+            weight.requires_grad_(self.train_llm)
         self.mllm.eval()
         if self.guidance == "edit_head":
             width = self.diffusion.unet.config.cross_attention_dim
@@ -188,6 +196,18 @@ class MGIE(InsPix2Pix):
         if self.unet_init_from is not None:
             self._init_unet(self.unet_init_from)
 
+    def _llm_prefixes(self) -> list[str]:
+        """State-dict prefixes (in ``self.mllm``) of the LLM's layers and final norm."""
+        return [
+            p
+            for p in self.mllm.frozen_prefixes()
+            if "vision" not in p and "projector" not in p
+        ]
+
+    def _llm_layer_parameters(self) -> list[torch.nn.Parameter]:
+        prefixes = tuple(self._llm_prefixes())
+        return [p for n, p in self.mllm.named_parameters() if n.startswith(prefixes)]
+
     def _frozen_prefixes(self) -> tuple[str, ...]:
         prefixes = ["diffusion.vae"]
         if self.text_encoder is not None:
@@ -195,7 +215,10 @@ class MGIE(InsPix2Pix):
         if not self.train_unet:
             prefixes += ["diffusion.unet", "instruction_projection"]
         if self.train_mllm:
-            prefixes += ["mllm." + p.rstrip(".") for p in self.mllm.frozen_prefixes()]
+            llm = set(self._llm_prefixes()) if self.train_llm else set()
+            prefixes += [
+                "mllm." + p.rstrip(".") for p in self.mllm.frozen_prefixes() if p not in llm
+            ]
         else:
             prefixes += ["mllm", "edit_head"]
         return tuple(prefixes)
@@ -241,6 +264,8 @@ class MGIE(InsPix2Pix):
         groups = []
         if self.train_mllm:
             mllm = self.mllm.trainable_parameters() + list(self.edit_head.parameters())
+            if self.train_llm:
+                mllm += self._llm_layer_parameters()
             groups.append({"params": mllm, "lr": self.mllm_learning_rate, "name": "mllm"})
         if self.train_unet:
             unet = list(self.diffusion.unet.parameters())

@@ -583,3 +583,36 @@ def test_sum_states_merge_like_one_metric_on_all_images(judge, tmp_path):
         assert torch.allclose(merged[key].double(), reference[key].double()), key
     assert reference["failures"].item() == 1
     assert reference["SC"].item() == pytest.approx((6 + 10 + 5) / 3)
+
+
+def test_evaluator_feeds_instructions_and_skips_the_copy_baseline(judge, tmp_path, monkeypatch):
+    """Through the test loop's EditEvaluator: VIEScore gets (source, edit, instruction), its
+    SC/PQ/O/failures become flat results, and the judge is not paid for the copy baseline."""
+    from metrics.evaluation import EditEvaluator
+    from metrics.protocols import get_protocol
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    script_scores(judge, SC_SCORES, PQ_SCORES)
+    source, preds, instructions = batch([0, 1, 2, 3])
+    kwargs = {
+        "model": MODEL,
+        "base_url": judge.url,
+        "api_key_env": KEY_ENV,
+        "cache_dir": str(tmp_path / "cache"),
+        "retry_delay": 0.0,
+    }
+    evaluator = EditEvaluator(
+        get_protocol("generic"), ["L1", "VIEScore"], metric_kwargs={"VIEScore": kwargs}
+    )
+    data = {"id": list("abcd"), "source": source, "target": source, "instruction": instructions}
+    evaluator.update(data, preds)
+    results = evaluator.compute()
+    assert results["test/VIEScore_SC"] == pytest.approx(EXPECTED_SC)
+    assert results["test/VIEScore_PQ"] == pytest.approx(EXPECTED_PQ)
+    assert results["test/VIEScore_O"] == pytest.approx(EXPECTED_O)
+    assert results["test/VIEScore_failures"] == 0
+    assert "test/copy/L1" in results and not any(k.startswith("test/copy/VIE") for k in results)
+    assert judge.count() == 8  # 4 SC + 4 PQ requests, none for the copy baseline
+    sc_requests = [r for r in judge.requests if r["kind"] == "SC"]
+    assert all(INSTRUCTIONS[r["sample"]] in r["text"] for r in sc_requests)
+    assert evaluator.metric_provenance()["VIEScore"]["prompt_sha256"]

@@ -300,3 +300,19 @@ def test_encoder_guidance_is_table5_instruction_encoder(tiny_dir, cls, llm):
     model.on_save_checkpoint(checkpoint)
     assert all(k.startswith(("diffusion.unet.", "instruction_projection."))
                for k in checkpoint["state_dict"])
+
+
+def test_train_llm_adds_the_language_layers_but_not_the_vision_side(tiny_dir):
+    model = build(tiny_dir, train_llm=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for g in model.param_groups() for n, p in model.named_parameters()
+                         if any(p is q for q in g["params"])}
+    assert any(".language_model.layers." in n for n in trainable)
+    assert not any("vision_tower" in n or "multi_modal_projector" in n for n in trainable)
+    model.train()
+    model.training_losses(batch())["loss"].backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    keys = set(checkpoint["state_dict"])
+    assert trainable <= keys and not any("vision_tower" in k for k in keys)
