@@ -137,17 +137,23 @@ class InsPix2Pix(EditModel):
         image_guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> EditOutput:
-        text = self.encode_text(instructions)
+        source = source.to(self.device)
+        cond, null, expressive = self.conditions(source, instructions)
         images = self.render(
-            source.to(self.device),
-            text,
-            self.null_text(),
+            source,
+            cond,
+            null,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             image_guidance_scale=image_guidance_scale,
             generator=generator,
         )
-        return EditOutput(images=images)
+        return EditOutput(images=images, expressive=expressive)
+
+    def conditions(self, source: torch.Tensor, instructions: Sequence[str]):
+        """The text condition [B, 77, D], its null [1, 77, D], and no expressive instructions;
+        models with other guidance override this."""
+        return self.encode_text(instructions), self.null_text(), None
 
     def render(
         self,

@@ -41,7 +41,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from models.base import EditOutput
 from models.components.edit_head import EditHead
 from models.components.mllm import MLLM, PROMPT_TEMPLATE
 from models.inspix2pix import InsPix2Pix
@@ -382,45 +381,18 @@ class MGIE(InsPix2Pix):
             if metric.update_called
         }
 
-    @torch.no_grad()
-    def edit(
-        self,
-        source: torch.Tensor,
-        instructions: Sequence[str],
-        *,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        image_guidance_scale: float | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-    ) -> EditOutput:
-        source = source.to(self.device)
+    def conditions(self, source: torch.Tensor, instructions: Sequence[str]):
+        """The guidance of an edit: the edit head on the generated [IMG] states (E2E), the
+        generated expressive instruction as CLIP text (FT/FZ) or the projected hidden states
+        (encoder); returns (cond, null, expressive instructions or None)."""
         if self.guidance == "encoder":
-            cond, null = self.encode_instructions(source, instructions)
-            images = self.render(
-                source,
-                cond,
-                null,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                image_guidance_scale=image_guidance_scale,
-                generator=generator,
-            )
-            return EditOutput(images=images)
+            return (*self.encode_instructions(source, instructions), None)
         generation = self.mllm.generate(self._images_for_mllm(source), list(instructions))
         if self.guidance == "edit_head":
             cond, null = self.guidance_from(generation.img_hidden, generation.img_embeds)
         else:
             cond, null = self.encode_text(generation.texts), self.null_text()
-        images = self.render(
-            source,
-            cond,
-            null,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            image_guidance_scale=image_guidance_scale,
-            generator=generator,
-        )
-        return EditOutput(images=images, expressive=generation.texts)
+        return cond, null, generation.texts
 
 
 class LGIE(MGIE):
