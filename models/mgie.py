@@ -81,7 +81,12 @@ class MGIE(InsPix2Pix):
             on top of ``mllm_path`` (LLaVA-7B) and ``diffusion_path`` (SD v1.5 widened).
         unet_init_from: an editbench InsPix2Pix checkpoint whose UNet initialises this one
             (e.g. the tiny preset starts from the quickstart model, as MGIE starts from a
-            pre-trained diffusion model).
+            pre-trained diffusion model); where that model trained its CLIP text encoder and
+            this one uses one (FT/FZ, ``align_loss_weight``), the encoder is taken too.
+        align_loss_weight: weight of GILL's L_gen, the MSE between the edit head's condition
+            and the frozen CLIP text encoder's embedding of the instruction (Koh et al.,
+            2023, whose mapper MGIE's edit head is). 0 in MGIE (Eq. 6); it gives the edit head
+            a condition the UNet already reads from the first step.
         prompt_template: the prompt around the instruction.
         **kwargs: :class:`InsPix2Pix` / :class:`EditModel` arguments.
     """
@@ -112,6 +117,7 @@ class MGIE(InsPix2Pix):
         release_mllm: str | None = None,
         release_unet: str | None = None,
         unet_init_from: str | None = None,
+        align_loss_weight: float = 0.0,
         prompt_template: str = PROMPT_TEMPLATE,
         **kwargs,
     ) -> None:
@@ -146,6 +152,7 @@ class MGIE(InsPix2Pix):
         self.release_mllm = release_mllm
         self.release_unet = release_unet
         self.unet_init_from = unet_init_from
+        self.align_loss_weight = align_loss_weight
         self.prompt_template = prompt_template
         self.mllm: MLLM | None = None
         self.edit_head: EditHead | None = None
@@ -154,7 +161,7 @@ class MGIE(InsPix2Pix):
     # ------------------------------------------------------------------ building
     @property
     def uses_text_encoder(self) -> bool:
-        return self.guidance == "text"
+        return self.guidance == "text" or self.align_loss_weight > 0
 
     def configure_model(self) -> None:
         if self.diffusion is not None:
@@ -246,6 +253,12 @@ class MGIE(InsPix2Pix):
             raise FileNotFoundError(f"{path} holds no {prefix}* weights (not an editbench model)")
         self.diffusion.unet.load_state_dict(unet, strict=True)
         rank_zero_info(f"initialised the UNet from {path}")
+        prefix = "text_encoder."
+        text = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if text and self.text_encoder is not None:
+            self.text_encoder.load_state_dict(text, strict=True)
+            self._null_text = None
+            rank_zero_info(f"initialised the CLIP text encoder from {path}")
 
     def train(self, mode: bool = True):
         """The MLLM (only its embeddings and head train; no dropout in frozen layers) and the
@@ -333,12 +346,18 @@ class MGIE(InsPix2Pix):
         cond, null = self.guidance_from(mllm_out.img_hidden, mllm_out.img_embeds)
         edit = self.diffusion.loss(source, target, cond, null, generator=generator)
         loss = self.instruction_loss_weight * mllm_out.loss + self.edit_loss_weight * edit.loss
-        return {
-            "loss": loss,
+        terms = {
             "loss_ins": mllm_out.loss.detach(),
             "loss_edit": edit.loss.detach(),
             "token_accuracy": mllm_out.token_accuracy.detach(),
         }
+        if self.align_loss_weight > 0:
+            with torch.no_grad():
+                clip = self.encode_text(batch["instruction"])
+            align = torch.nn.functional.mse_loss(cond.float(), clip.float())
+            loss = loss + self.align_loss_weight * align
+            terms["loss_align"] = align.detach()
+        return {"loss": loss, **terms}
 
     # ------------------------------------------------------------------ evaluation
     def on_test_epoch_start(self) -> None:

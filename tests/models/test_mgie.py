@@ -316,3 +316,34 @@ def test_train_llm_adds_the_language_layers_but_not_the_vision_side(tiny_dir):
     model.on_save_checkpoint(checkpoint)
     keys = set(checkpoint["state_dict"])
     assert trainable <= keys and not any("vision_tower" in k for k in keys)
+
+
+def test_align_loss_is_gill_mse_to_the_clip_text_condition(tiny_dir):
+    model = build(tiny_dir, align_loss_weight=2.0)
+    assert model.text_encoder is not None and "text_encoder" in model.frozen_modules
+    model.train()
+    data = batch()
+    losses = model.training_losses(data, generator=torch.Generator().manual_seed(0))
+    rest = losses["loss"] - losses["loss_ins"] - 0.5 * losses["loss_edit"]
+    assert torch.allclose(rest, 2.0 * losses["loss_align"], atol=1e-5)
+    with torch.no_grad():
+        forced = model.mllm.training_forward(data["source"], data["instruction"], data["expressive"])
+        cond, _ = model.guidance_from(forced.img_hidden, forced.img_embeds)
+        clip = model.encode_text(data["instruction"])
+    expected = ((cond - clip) ** 2).mean()
+    assert torch.allclose(losses["loss_align"], expected, atol=1e-5)
+    losses["loss"].backward()
+    assert all(p.grad is None for p in model.text_encoder.parameters())
+
+
+def test_unet_init_from_also_takes_a_trained_text_encoder(tiny_dir, tmp_path):
+    donor = build(tiny_dir, guidance="text")
+    state = {f"diffusion.unet.{k}": v + 0.01 for k, v in donor.diffusion.unet.state_dict().items()}
+    state |= {f"text_encoder.{k}": v + 0.02 for k, v in donor.text_encoder.state_dict().items()}
+    path = tmp_path / "ip2p.ckpt"
+    torch.save({"state_dict": state}, path)
+    model = build(tiny_dir, guidance="text", unet_init_from=str(path))
+    for k, v in model.text_encoder.state_dict().items():
+        assert torch.equal(v, state[f"text_encoder.{k}"])
+    for k, v in model.diffusion.unet.state_dict().items():
+        assert torch.equal(v, state[f"diffusion.unet.{k}"])
