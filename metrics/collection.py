@@ -99,6 +99,16 @@ def edit_metrics(
     names = list(names)
     if not names:
         raise ValueError("`names` is empty: name at least one metric.")
+    metric_kwargs = check_metric_names(names, metric_kwargs)
+    metrics = {name: METRICS[name](**dict(metric_kwargs.get(name, {}))) for name in names}
+    return MetricCollection(metrics, compute_groups=False)
+
+
+def check_metric_names(
+    names: list[str], metric_kwargs: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, Mapping[str, Any]]:
+    """Check that ``names`` are registered and distinct and that ``metric_kwargs`` names only
+    them; returns ``metric_kwargs`` as a dict."""
     unknown = [name for name in names if name not in METRICS]
     if unknown:
         raise ValueError(f"Unknown metric name(s) {unknown}; registered: {sorted(METRICS)}.")
@@ -109,8 +119,7 @@ def edit_metrics(
     stray = sorted(set(metric_kwargs) - set(names))
     if stray:
         raise ValueError(f"`metric_kwargs` names metrics not in `names`: {stray}.")
-    metrics = {name: METRICS[name](**dict(metric_kwargs.get(name, {}))) for name in names}
-    return MetricCollection(metrics, compute_groups=False)
+    return metric_kwargs
 
 
 def metric_inputs(name: str, metric: Metric) -> tuple[str, ...]:
@@ -179,6 +188,7 @@ __all__: list[str] = [
     "METRIC_BACKBONES",
     "METRIC_INPUTS",
     "NO_COPY_BASELINE",
+    "check_metric_names",
     "metric_inputs",
     "edit_metrics",
     "register_metric",

@@ -29,6 +29,7 @@ from metrics.collection import (
     METRIC_BACKBONES,
     METRICS,
     NO_COPY_BASELINE,
+    check_metric_names,
     metric_inputs,
 )
 from metrics.pixel import at_least_float32
@@ -105,13 +106,7 @@ class EditEvaluator(nn.Module):
         super().__init__()
         self.protocol = protocol
         self.names = list(names) if names is not None else list(protocol.columns)
-        duplicates = sorted({n for n in self.names if self.names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"metric(s) {duplicates} named more than once")
-        metric_kwargs = dict(metric_kwargs or {})
-        stray = sorted(set(metric_kwargs) - set(self.names))
-        if stray:
-            raise ValueError(f"metric_kwargs names metrics that are not evaluated: {stray}")
+        metric_kwargs = check_metric_names(self.names, metric_kwargs)
         self.backbones = {**default_backbones(), **dict(backbones or {})}
         self.prefix = prefix
 
@@ -221,7 +216,7 @@ class EditEvaluator(nn.Module):
             name = key[len(base):]
             if "/" in name:  # another aggregation or the copy baseline
                 continue
-            table[name] = value * self.protocol.scale.get(name.split("_")[0], 1.0)
+            table[name] = value * self.protocol.scale_of(name)
         return table
 
     def metric_provenance(self) -> dict[str, Any]:

@@ -68,6 +68,11 @@ class Protocol:
                 f"not one of {self.aggregations}"
             )
 
+    def scale_of(self, name: str) -> float:
+        """The table multiplier of a result name; flattened names (``KID_std``, ``L1_edit``,
+        ``VIEScore_SC``) take their metric's."""
+        return self.scale.get(name.split("_")[0], 1.0)
+
     def with_aggregation(self, aggregation: str) -> Protocol:
         """The same protocol with another default aggregation (e.g. MagicBrush final-turn)."""
         return Protocol(

@@ -78,7 +78,7 @@ def protocol_block(
         "name": protocol.name,
         "source": protocol.source,
         "columns": table_names,
-        "scale": {n: protocol.scale.get(n.split("_")[0], 1.0) for n in table_names},
+        "scale": {n: protocol.scale_of(n) for n in table_names},
         "split": split,
         "num_samples": counts[protocol.default_aggregation],
         "num_samples_per_aggregation": counts,

@@ -49,6 +49,11 @@ Guidance = Literal["edit_head", "text", "encoder"]
 GUIDANCES = ("edit_head", "text", "encoder")
 
 
+def _submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under ``prefix``, with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 class MGIE(InsPix2Pix):
     """MGIE: MLLM-guided image editing, trained end to end.
 
@@ -247,14 +252,14 @@ class MGIE(InsPix2Pix):
                 f"experiments/quickstart.yaml` first, or set model.init_args.unet_init_from null)"
             )
         state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-        prefix = "diffusion.unet."
-        unet = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        unet = _submodule_state(state, "diffusion.unet.")
         if not unet:
-            raise FileNotFoundError(f"{path} holds no {prefix}* weights (not an editbench model)")
+            raise FileNotFoundError(
+                f"{path} holds no diffusion.unet.* weights (not an editbench model)"
+            )
         self.diffusion.unet.load_state_dict(unet, strict=True)
         rank_zero_info(f"initialised the UNet from {path}")
-        prefix = "text_encoder."
-        text = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        text = _submodule_state(state, "text_encoder.")
         if text and self.text_encoder is not None:
             self.text_encoder.load_state_dict(text, strict=True)
             self._null_text = None
