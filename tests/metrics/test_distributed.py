@@ -141,7 +141,7 @@ def make_batch() -> dict:
 
 
 def build_metrics(backbones: Path) -> dict:
-    """name -> (metric, the batch keys its ``update`` takes, in order)."""
+    """name -> (metric, the batch keys its ``update`` takes, in order, from the registry)."""
     from metrics import (
         CTS,
         CVS,
@@ -155,40 +155,36 @@ def build_metrics(backbones: Path) -> dict:
         CLIPImageSimilarity,
         MaskedL1,
     )
+    from metrics.collection import metric_inputs
 
     clip, dino = backbones / "clip", backbones / "dino"
     torch.manual_seed(0)  # the random LPIPS backbone: the same in every process
-    lpips = LPIPS(net="alex", weights_path="random")
-    return {
-        "L1": (L1(), ("preds", "target")),
-        "L1_edit": (MaskedL1(), ("preds", "target", "mask")),
-        "SSIM": (SSIM(), ("preds", "target")),
-        "LPIPS": (lpips, ("preds", "target")),
-        "DINO": (DINO(dino), ("preds", "target")),
-        "CVS": (CVS(clip), ("preds", "target")),
-        "CTS": (CTS(clip), ("preds", "goal_caption")),
-        "CLIP_direction": (
-            CLIPDirectionalSimilarity(clip),
-            ("source", "preds", "source_caption", "goal_caption"),
-        ),
-        "CLIP_image": (CLIPImageSimilarity(clip), ("source", "preds")),
-        "FID": (FID(feature=TinyFeatures()), ("preds", "target")),
+    metrics = {
+        "L1": L1(),
+        "L1_edit": MaskedL1(),
+        "SSIM": SSIM(),
+        "LPIPS": LPIPS(net="alex", weights_path="random"),
+        "DINO": DINO(dino),
+        "CVS": CVS(clip),
+        "CTS": CTS(clip),
+        "CLIP_direction": CLIPDirectionalSimilarity(clip),
+        "CLIP_image": CLIPImageSimilarity(clip),
+        "FID": FID(feature=TinyFeatures()),
         # subset_size = all images: every KID subset is the whole set, whatever the RNG draws.
-        "KID": (KID(feature=TinyFeatures(), subsets=3, subset_size=N_IMAGES), ("preds", "target")),
+        "KID": KID(feature=TinyFeatures(), subsets=3, subset_size=N_IMAGES),
     }
+    return {name: (metric, metric_inputs(name, metric)) for name, metric in metrics.items()}
 
 
 def evaluate(backbones: Path, batch: dict, index: slice) -> dict[str, float]:
     """Update every metric with ``batch[index]`` and compute (synced when distributed)."""
+    from metrics.evaluation import flatten_value
+
     results = {}
     with torch.no_grad():
         for name, (metric, keys) in build_metrics(backbones).items():
             metric.update(*(batch[k][index] for k in keys))
-            value = metric.compute()
-            if isinstance(value, tuple):  # KID: (mean, std)
-                results[name], results[f"{name}_std"] = float(value[0]), float(value[1])
-            else:
-                results[name] = float(value)
+            results |= flatten_value(name, metric.compute())  # KID: name, name_std
     return results
 
 
