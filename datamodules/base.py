@@ -3,7 +3,11 @@
 A dataset subclass only says where its records come from (`build_records(split)`); this module
 turns records into the sample dicts of the data contract (see DESIGN.md):
 `id`, `source`, `target`, `instruction`, and `expressive`, `mask`, `source_caption`,
-`goal_caption`, `session`, `turn`, `num_turns` where known.
+`goal_caption`, `session`, `turn`, `num_turns` where known. Evaluation samples (every split
+but train) also carry the decoded images at their native size, `source_native`,
+`target_native` (uint8 [3,H,W]) and `mask_native` (uint8 {0,1} [1,H,W]), which `collate` keeps
+as lists; how a non-square image becomes the model's square input in evaluation is the
+DataModule's `eval_resize` (see `datamodules.native`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,17 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from datamodules.native import (
+    EvalResize,
+    align_to_source,
+    as_native,
+    check_eval_resize,
+    eval_transform,
+    model_box,
+    native_box,
+)
+from datamodules.sampling import EvalDistributedSampler, process_layout, train_sampler
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -30,6 +45,8 @@ REQUIRED_KEYS = ("id", "source", "instruction")
 PATH_KEYS = ("source", "target", "mask")
 TEXT_KEYS = ("expressive", "source_caption", "goal_caption", "session", "previous_output_id")
 INT_KEYS = ("turn", "num_turns")
+#: Keys ending in this hold native-size images (lists in a batch).
+NATIVE_SUFFIX = "_native"
 
 
 class BadSampleError(ValueError):
@@ -113,13 +130,24 @@ def read_expressive(path: Path) -> dict[str, str]:
     return table
 
 
-def build_transform(resolution: int, train: bool, random_crop: bool, random_flip: float):
-    """Resize the shorter side, crop to a square, maybe flip; one call transforms all inputs.
+def build_transform(
+    resolution: int,
+    train: bool,
+    random_crop: bool,
+    random_flip: float,
+    eval_resize: EvalResize = "resize",
+):
+    """The square model input; one call transforms source, target and mask together.
 
+    Training: resize the shorter side, crop a square (random or centre), maybe flip.
+    Evaluation: `eval_resize` (see `datamodules.native`): "resize" squashes the whole image,
+    "pad" letterboxes it, "center_crop" resizes the shorter side and crops the centre.
     Source, target (`tv_tensors.Image`) and mask (`tv_tensors.Mask`, resized with nearest
     interpolation) passed together receive the same crop and flip.
     """
-    crop = v2.RandomCrop(resolution) if train and random_crop else v2.CenterCrop(resolution)
+    if not train:
+        return eval_transform(resolution, eval_resize)
+    crop = v2.RandomCrop(resolution) if random_crop else v2.CenterCrop(resolution)
     steps = [v2.Resize(resolution, antialias=True), crop]
     if train and random_flip > 0:
         steps.append(v2.RandomHorizontalFlip(p=random_flip))
@@ -138,8 +166,14 @@ class EditDataset(Dataset):
         records: dicts with `id`, `source` path, `instruction`, optional `target`/`mask`
             paths and text/int fields.
         transform: a torchvision v2 transform applied to (source, target, mask) together.
-        split: split name, used in error messages.
+        split: split name, used in error messages. Samples of every split but "train" also
+            carry the decoded images before the transform: `source_native`, `target_native`
+            (uint8 [3,H,W]) and `mask_native` (uint8 {0,1} [1,H,W]) where those exist.
         on_bad_sample: "error" raises BadSampleError; "skip" returns a SkippedSample.
+
+    A target or mask of another size than the source is resized to the source's size before
+    anything else (`datamodules.native.align_to_source`: bilinear as T2ONet's loader, masks
+    nearest), so `target_native` is the resized target.
     """
 
     def __init__(
@@ -155,6 +189,12 @@ class EditDataset(Dataset):
         self.transform = transform
         self.split = split
         self.on_bad_sample = on_bad_sample
+        #: Add the `*_native` images (evaluation splits).
+        self.native = split != "train"
+        #: (resolution, eval_resize) when the model input is not the whole image squashed
+        #: ("pad", "center_crop"): samples then say where their content sits (`model_box`) and
+        #: which native region the model saw (`native_box`), for scoring on the native frame.
+        self.boxes: tuple[int, EvalResize] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -180,16 +220,16 @@ class EditDataset(Dataset):
                 images["target"] = tv_tensors.Image(self._load(index, "target", "RGB"))
             if record.get("mask") is not None:
                 images["mask"] = tv_tensors.Mask(self._load(index, "mask", "L"))
-            sizes = {k: tuple(v.shape[-2:]) for k, v in images.items()}
-            if len(set(sizes.values())) > 1:
-                raise BadSampleError(
-                    f"images of different sizes {sizes} (split {self.split!r}, row {index}, "
-                    f"id {record.get('id')!r}, source {record['source']})"
-                )
         except BadSampleError as err:
             if self.on_bad_sample == "skip":
                 return SkippedSample(str(record.get("id")), str(err))
             raise
+        images = align_to_source(images)
+        natives = (
+            {f"{k}_native": as_native(v, binary=k == "mask") for k, v in images.items()}
+            if self.native
+            else {}
+        )
         images = self.transform(images)
         sample: dict[str, Any] = {
             "id": str(record["id"]),
@@ -206,21 +246,30 @@ class EditDataset(Dataset):
         for key in INT_KEYS:
             if record.get(key) is not None:
                 sample[key] = int(record[key])
+        sample.update(natives)
+        if self.boxes is not None and natives:
+            resolution, mode = self.boxes
+            height, width = natives["source_native"].shape[-2:]
+            sample["model_box"] = model_box(height, width, resolution, mode)
+            sample["native_box"] = native_box(height, width, resolution, mode)
         return sample
 
 
 def collate(samples: Iterable[dict[str, Any] | SkippedSample]) -> dict[str, Any]:
     """Stack tensors, keep strings/ints as lists; drop skipped samples into `skipped_ids`.
 
-    A key that only some samples have becomes a list with None for the others (tensors must be
-    in every sample). If every sample was skipped the batch has `id == []` and no tensors.
+    `*_native` images (sizes differ) stay lists of tensors. A key that only some samples have
+    becomes a list with None for the others (other tensors must be in every sample). If every
+    sample was skipped the batch has `id == []` and no tensors.
     """
     samples = list(samples)
     kept = [s for s in samples if not isinstance(s, SkippedSample)]
     batch: dict[str, Any] = {}
     for key in dict.fromkeys(k for s in kept for k in s):
         values = [s.get(key) for s in kept]
-        if any(isinstance(v, torch.Tensor) for v in values):
+        if key.endswith(NATIVE_SUFFIX):
+            batch[key] = values
+        elif any(isinstance(v, torch.Tensor) for v in values):
             if any(v is None for v in values):
                 missing = [s["id"] for s in kept if key not in s]
                 raise ValueError(f"tensor {key!r} missing in samples {missing}")
@@ -255,6 +304,14 @@ class EditDataModule(L.LightningDataModule):
             instruction by id; a sample whose id is absent is an error naming it, unless
             `on_missing_expressive="keep"` (the sample keeps what its dataset gave it).
         on_missing_expressive: "error" or "keep", for ids absent from `expressive_path`.
+        eval_resize: how a val/test/predict image becomes the square model input:
+            "resize" (default) squashes the whole image to resolution x resolution, so the
+            whole image is edited and scored; "pad" letterboxes it (aspect kept, black
+            borders); "center_crop" resizes the shorter side and crops the centre (training's
+            geometry without the randomness; only the crop is scored). Evaluation samples also
+            carry the images at their native size (`source_native`, `target_native`,
+            `mask_native`), against which predictions are scored after
+            `datamodules.native.prediction_to_native`. Training keeps its (random) crop.
     """
 
     protocol: str = "generic"
@@ -279,10 +336,12 @@ class EditDataModule(L.LightningDataModule):
         predict_split: str = "test",
         expressive_path: str | None = None,
         on_missing_expressive: Literal["error", "keep"] = "error",
+        eval_resize: EvalResize = "resize",
     ) -> None:
         super().__init__()
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        self.eval_resize = check_eval_resize(eval_resize)
         self.save_hyperparameters()
         self.root = root
         self.resolution = resolution
@@ -327,10 +386,15 @@ class EditDataModule(L.LightningDataModule):
         if self.expressive_path is not None:
             records = self.attach_expressive(records, split)
         train = split == "train"
-        transform = build_transform(self.resolution, train, self.random_crop, self.random_flip)
-        return self.dataset_class(
+        transform = build_transform(
+            self.resolution, train, self.random_crop, self.random_flip, self.eval_resize
+        )
+        dataset = self.dataset_class(
             records, transform, split, self.on_bad_sample, **self.dataset_kwargs(split)
         )
+        if not train and self.eval_resize != "resize":
+            dataset.boxes = (self.resolution, self.eval_resize)
+        return dataset
 
     def attach_expressive(self, records: list[dict], split: str) -> list[dict]:
         """Fill `expressive` of each record from `expressive_path`, by sample id."""
@@ -356,13 +420,32 @@ class EditDataModule(L.LightningDataModule):
             if split not in self.datasets:
                 self.datasets[split] = self.make_dataset(split)
 
+    def eval_groups(self, split: str) -> list | None:
+        """Group keys of `split`'s samples that must stay on one process in a multi-process
+        evaluation (None: no constraint). MagicBrush's iterative mode keeps a session whole."""
+        return None
+
     def _loader(self, split: str, train: bool) -> DataLoader:
+        """The split's loader. Under several processes the DataModule splits the data itself:
+        training shuffles with torch's `DistributedSampler`; evaluation gives every sample to
+        exactly one process, unpadded (`datamodules.sampling.EvalDistributedSampler`), so each
+        sample is scored and written once."""
         if split not in self.datasets:
             self.datasets[split] = self.make_dataset(split)
+        dataset = self.datasets[split]
+        world_size, rank = process_layout(self.trainer)
+        sampler = None
+        if world_size > 1:
+            sampler = (
+                train_sampler(dataset, world_size, rank)
+                if train
+                else EvalDistributedSampler(dataset, world_size, rank, self.eval_groups(split))
+            )
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size if train else (self.eval_batch_size or self.batch_size),
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

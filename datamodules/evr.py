@@ -10,6 +10,13 @@ pair in train, three in valid/test: 3,061 / 383 / 495 pairs). The release's READ
 the JSON fields but not where the separately downloaded image pairs are unpacked, so the
 folder is configurable (`images_dir`, relative to root; an absolute `img0`/`img1` is used as
 it is).
+
+Pairs of unequal size: 94 EVR pairs (those whose GIER counterpart is absent from GIER's
+`shapeAlign` index) have an edited image of another size than the input. As for GIER, the
+edited image is resized to the input's size with T2ONet's rule (bilinear, as `cv2.resize`;
+`datamodules.native.align_to_source`). The release's own code (a captioner) squashes every
+image independently to 224x224 (`script/build_pixel_hdf5.py`, `Resize((224, 224))`), which
+also puts the two in one frame; scoring an edit needs the target in the input's frame.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 ```
 root/
   images/<name>                 input and output images (`images_dir`)
-  masks/<input stem>_mask.json  COCO RLE candidate masks of the input (`masks_dir`)
+  masks/<input stem>_mask.json  COCO RLE candidate masks of the input (`masks_dir`; a
+                                separate download, may be absent)
   splits/{train,val,test}_sess_3.json
   splits/{split}_{global,shapeAlign,shapeAlignNonCrop,Ids_L1Thr_0.06}_sess_3.json  (subsets)
 ```
@@ -13,25 +14,37 @@ A split file is a JSON list of image pairs, each with `input`, `output` (file na
 Python's `json` reads it as float NaN, treated here as absent), `dataset`, `operator`
 (`{op_name: {"local": bool, "ids": [mask indices]}}`) and `expert_summary` /
 `amateur_summary` (lists of strings). As in the original GIER loader, every summary string is
-one sample, its `instruction`; so a pair gives as many samples as it has summaries.
+one sample, its `instruction`; so a pair gives as many samples as it has summaries. Sample id:
+`gier/<output stem>/<expert|amateur>/<k>`, named by the OUTPUT image: the release reuses an
+input image in several pairs (949 train inputs in two or more), every output name is unique.
 
 Published counts (session 3): 4,943 / 618 / 618 pairs and 23,898 / 3,004 / 2,969 samples for
 train / val / test.
 
 Masks: a mask file is a JSON list of COCO RLEs (`{"size": [h, w], "counts": ...}`, compressed
-string or uncompressed list), one per candidate region; a local operator's `ids` index that
-list. A sample's `mask` is the union over its local operators of the regions they name (a
-local operator without `ids` takes every region; a file holding a single RLE dict is a list of
-one). A pair without a local operator edits the whole image: its mask is all ones and its mask
-file is not read. A mask whose size differs from the input image is resized to it (nearest).
-A missing mask file leaves the local samples of that pair without `mask` (so do not mix them
-with masked samples in one batch: `collate` needs a tensor in every sample) unless
-`require_masks` is set, which makes it an error when the split is built.
+string or uncompressed list), decoded by pycocotools as T2ONet does, one per candidate region;
+a local operator's `ids` index that list. A sample's `mask` is the union over its local
+operators of the regions they name (a local operator without an `ids` key takes every region;
+a file holding a single RLE dict is a list of one). Local operators whose `ids` are all `[]`
+(27 / 4 / 1 entries in the release) give an empty mask, as T2ONet's `resize_and_union_mask`
+does, without reading the file. A pair without a local operator edits the whole image: its
+mask is all ones and its mask file is not read. A mask whose size differs from the input
+image is resized to it (nearest, T2ONet's `cv2.INTER_NEAREST`).
+
+Masks of a split are all or nothing (a batch stacks masks, so it needs one in every sample or
+in none): when a local pair that needs a mask file has none (e.g. no `masks/` folder), no
+sample of the split gets a `mask`, with a warning naming how many files are missing; with
+`require_masks` it is an error instead, when the split is built.
+
+Inputs and outputs of different sizes (1,164 / 130 / 164 pairs, those absent from the
+`shapeAlign` index): the output is resized to the input's size as T2ONet's loader does (see
+`datamodules.native.align_to_source`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -42,6 +55,8 @@ from PIL import Image
 
 from .base import BadSampleError, EditDataModule, EditDataset, read_json_list
 from .rle import union_rles
+
+log = logging.getLogger(__name__)
 
 #: Published sizes: pairs and samples (one per summary string) per split, session 3.
 PUBLISHED_PAIRS = {"train": 4943, "val": 618, "test": 618}
@@ -79,7 +94,8 @@ class GIERDataset(EditDataset):
 
     A record with `mask_global` True gets an all-ones mask of the input's size; one with
     `mask_ids` (a list, or None for every region) gets the union of those RLEs from the file
-    at `mask`, resized (nearest) to the input's size. Records without these fields fall back
+    at `mask`, resized (nearest) to the input's size; `mask_ids == []` is an empty mask (the
+    file is not read). Records without these fields fall back
     to the base behaviour. Decoding problems raise BadSampleError naming the file, split, row
     and id, like an unreadable image.
     """
@@ -94,6 +110,8 @@ class GIERDataset(EditDataset):
                 width, height = image.size  # header only
             if record["mask_global"]:
                 mask = np.ones((height, width), dtype=np.uint8)
+            elif record.get("mask_ids") == []:
+                mask = np.zeros((height, width), dtype=np.uint8)
             else:
                 mask = union_rles(load_rle_file(path), record.get("mask_ids"))
                 if mask.shape != (height, width):
@@ -119,7 +137,7 @@ class GIERDataModule(EditDataModule):
         masks_dir: folder of the `<input stem>_mask.json` RLE files, relative to `root`.
         session: annotation session of the split files (`{split}_sess_{session}.json`).
         require_masks: raise when a pair with a local operator has no mask file (by default
-            its samples just have no `mask`).
+            no sample of that split gets a `mask`, with a warning: module docstring).
         operators: keep only pairs with at least one of these operator names (e.g.
             `["brightness", "inpaint_obj"]`); None keeps all.
         local_only: True keeps pairs with a local operator, False pairs whose operators are
@@ -181,7 +199,7 @@ class GIERDataModule(EditDataModule):
 
         Raises FileNotFoundError for a missing split/subset file (or, with `require_masks`, a
         missing mask file) and ValueError naming the file and row for a malformed pair
-        (missing key, wrong type, an input stem seen twice).
+        (missing key, wrong type, an output stem seen twice).
         """
         path = self.split_path(split)
         pairs = read_json_list(path)
@@ -191,6 +209,7 @@ class GIERDataModule(EditDataModule):
         wanted_ops = set(self.operators) if self.operators is not None else None
         seen: dict[str, int] = {}
         records: list[dict] = []
+        missing_masks: list[str] = []
         for row, pair in enumerate(pairs):
             where = f"{path}, row {row}"
             if not isinstance(pair, dict):
@@ -204,9 +223,12 @@ class GIERDataModule(EditDataModule):
             ):
                 raise ValueError(f"{where}: 'operator' must map names to {{local, ids}} objects")
             stem = Path(str(pair["input"])).stem
-            if stem in seen:
-                raise ValueError(f"{where}: input {stem!r} already used in row {seen[stem]}")
-            seen[stem] = row
+            out_stem = Path(str(pair["output"])).stem
+            if out_stem in seen:
+                raise ValueError(
+                    f"{where}: output {out_stem!r} already used in row {seen[out_stem]}"
+                )
+            seen[out_stem] = row
 
             local_ops = [name for name, spec in operator.items() if spec.get("local")]
             if allowed is not None and row not in allowed:
@@ -218,22 +240,26 @@ class GIERDataModule(EditDataModule):
 
             mask: dict[str, Any] = {}
             mask_path = masks / f"{stem}_mask.json"
+            ids: list[int] | None = []
+            for name in local_ops:
+                op_ids = operator[name].get("ids")
+                if is_missing(op_ids):
+                    ids = None  # every region in the file
+                    break
+                if not isinstance(op_ids, list):
+                    raise ValueError(f"{where}: operator {name!r} 'ids' must be a list")
+                ids.extend(int(i) for i in op_ids)
             if not local_ops:
                 mask = {"mask": str(mask_path), "mask_global": True}
-            elif mask_path.is_file():
-                ids: list[int] | None = []
-                for name in local_ops:
-                    op_ids = operator[name].get("ids")
-                    if is_missing(op_ids):
-                        ids = None  # every region in the file
-                        break
-                    ids.extend(int(i) for i in op_ids)
+            elif ids == [] or mask_path.is_file():  # every local `ids` empty: an empty mask
                 mask = {"mask": str(mask_path), "mask_global": False, "mask_ids": ids}
             elif self.require_masks:
                 raise FileNotFoundError(
                     f"mask file {mask_path} not found ({where}, input {pair['input']!r}, "
                     "require_masks=True)"
                 )
+            else:
+                missing_masks.append(str(mask_path))
 
             detailed = pair.get("detailed_request")
             request = pair.get("request")
@@ -259,5 +285,19 @@ class GIERDataModule(EditDataModule):
                         continue
                     if not isinstance(text, str):
                         raise ValueError(f"{where}: {key}[{k}] is not a string: {text!r}")
-                    records.append({"id": f"gier/{stem}/{kind}/{k}", "instruction": text, **common})
+                    records.append(
+                        {"id": f"gier/{out_stem}/{kind}/{k}", "instruction": text, **common}
+                    )
+        if missing_masks:
+            log.warning(
+                "GIER %s: %d local pair(s) have no mask file (e.g. %s); no sample of the split "
+                "gets a mask (a batch needs masks in all samples or none); require_masks=True "
+                "makes this an error",
+                split,
+                len(missing_masks),
+                missing_masks[0],
+            )
+            for record in records:
+                for key in ("mask", "mask_global", "mask_ids"):
+                    record.pop(key, None)
         return records

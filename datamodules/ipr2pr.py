@@ -4,6 +4,8 @@
 
     root/seeds.json                   [[prompt_dir, [seed, ...]], ...]  (sorted)
     root/<prompt_dir>/prompt.json     {"edit": ..., "input": ..., "output": ...}
+                                      (InstructPix2Pix's own generator writes the input
+                                      caption as "caption": either key is read)
     root/<prompt_dir>/<seed>_0.jpg    input image
     root/<prompt_dir>/<seed>_1.jpg    edited image
 
@@ -55,6 +57,18 @@ def split_bounds(n: int) -> tuple[int, int]:
     281,709 / 15,650 / 15,651.
     """
     return 9 * n // 10, 19 * n // 20
+
+
+def input_caption(prompt: dict) -> str | None:
+    """The input caption of a `prompt.json`: `input` (the released data) or `caption`.
+
+    InstructPix2Pix's text generator (`dataset_creation/generate_txt_dataset.py`) writes
+    prompt records as `{caption, edit, output, url}`, and `generate_img_dataset.py` dumps the
+    record it is given into `prompt.json` unchanged, so data generated with its own pipeline
+    carries `caption` where the release has `input`.
+    """
+    value = prompt.get("input")
+    return value if value is not None else prompt.get("caption")
 
 
 class _PinnedRecords(Sequence):
@@ -153,7 +167,7 @@ class IPr2PrDataset(_ResolvingDataset):
             "source": str(prompt_dir / f"{seed}_0.jpg"),
             "target": str(prompt_dir / f"{seed}_1.jpg"),
             "instruction": prompt["edit"],
-            "source_caption": prompt.get("input"),
+            "source_caption": input_caption(prompt),
             "goal_caption": prompt.get("output"),
             "expressive": record.get("expressive"),
             "seed": seed,

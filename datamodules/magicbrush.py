@@ -21,10 +21,12 @@ Two native layouts are read as they are released:
 Every sample carries `session` (= `img_id`), `turn` (from 1) and `num_turns`; ids are
 `magicbrush/<img_id>/<turn>`.
 
-Test captions: `goal_caption` is the caption of the turn's ground-truth output, from the LOCAL
-descriptions by default (`caption_source="local"`, the MagicBrush paper's CLIP-T choice);
-`caption_source="global"` takes the global ones (the default of the official evaluation script,
-a known source of mismatched numbers, MagicBrush issue 17). `source_caption` is the global
+Test captions: `goal_caption` is the caption of the turn's ground-truth output, from the GLOBAL
+descriptions by default (`caption_source="global"`: MGIE's "global caption alignment" and the
+default of MagicBrush's evaluation script; the `magicbrush` protocol); `caption_source="local"`
+takes the local ones (the MagicBrush paper's CLIP-T; the `magicbrush-paper` protocol). The two
+disagree, a known source of mismatched numbers (MagicBrush issue 17); the protocol checks that
+the data's source is its own. `source_caption` is the global
 description of the turn's input image where the file has one.
 
 Multi-turn test modes (`test_mode`):
@@ -63,6 +65,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms.v2 import functional as F
 
 from .base import BadSampleError, EditDataModule, EditDataset
+from .sampling import EvalDistributedSampler, process_layout
 
 log = logging.getLogger(__name__)
 
@@ -144,18 +147,23 @@ class TurnBatchSampler(Sampler[list[int]]):
     Args:
         turns: the turn (from 1) of every record, by index.
         batch_size: at most this many indices per batch.
+        indices: the indices to batch (default all): this process's share of the split, whole
+            sessions (:class:`~datamodules.sampling.EvalDistributedSampler`).
     """
 
-    def __init__(self, turns: Sequence[int], batch_size: int) -> None:
+    def __init__(
+        self, turns: Sequence[int], batch_size: int, indices: Sequence[int] | None = None
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         self.turns = [int(t) for t in turns]
         self.batch_size = batch_size
+        self.indices = list(range(len(self.turns)) if indices is None else indices)
 
     def _batches(self) -> list[list[int]]:
         batches = []
-        for turn in sorted(set(self.turns)):
-            indices = [i for i, t in enumerate(self.turns) if t == turn]
+        for turn in sorted({self.turns[i] for i in self.indices}):
+            indices = [i for i in self.indices if self.turns[i] == turn]
             batches += [
                 indices[s : s + self.batch_size] for s in range(0, len(indices), self.batch_size)
             ]
@@ -245,8 +253,8 @@ class MagicBrushDataModule(EditDataModule):
         test_mode: "independent" (source of turn k = ground-truth output of turn k-1) or
             "iterative" (source of turn k = the model's output of turn k-1, substituted by the
             test loop via `previous_output_id`; turn-by-turn batches).
-        caption_source: descriptions the test `goal_caption` comes from: "local" (the
-            MagicBrush paper's CLIP-T) or "global" (the official script's default).
+        caption_source: descriptions the test `goal_caption` comes from: "global" (MGIE's
+            tables, the official script's default) or "local" (the MagicBrush paper's CLIP-T).
         cache_dir: where `datasets` keeps the Arrow copies of the shards (None: its default
             cache, `HF_DATASETS_CACHE`).
         **kwargs: the shared :class:`EditDataModule` fields (batch sizes, workers, crop,
@@ -267,7 +275,7 @@ class MagicBrushDataModule(EditDataModule):
         val_files: str = "data/dev-*.parquet",
         test_dir: str = "test",
         test_mode: Literal["independent", "iterative"] = "independent",
-        caption_source: Literal["local", "global"] = "local",
+        caption_source: Literal["local", "global"] = "global",
         cache_dir: str | None = None,
         **kwargs,
     ) -> None:
@@ -419,6 +427,13 @@ class MagicBrushDataModule(EditDataModule):
             raise ValueError(f"duplicate MagicBrush ids in split {split!r}: {duplicates}")
         return records
 
+    def eval_groups(self, split: str) -> list | None:
+        """In iterative mode a session stays on one process: turn k is edited from the same
+        process's output of turn k-1."""
+        if split != "test" or self.test_mode != "iterative":
+            return None
+        return [r["session"] for r in self.datasets[split].records]
+
     def prediction_path(self, sample_id: str) -> str:
         """Where `predict` writes a test prediction: MagicBrush's official file name for this
         module's `test_mode` (`<img_id>/<img_id>_1.png`, `..._inde_<k>.png`, `..._iter_<k>.png`),
@@ -434,8 +449,12 @@ class MagicBrushDataModule(EditDataModule):
         if split not in self.datasets:
             self.datasets[split] = self.make_dataset(split)
         dataset = self.datasets[split]
+        world_size, rank = process_layout(self.trainer)
+        shard = EvalDistributedSampler(dataset, world_size, rank, self.eval_groups(split))
         sampler = TurnBatchSampler(
-            [r["turn"] for r in dataset.records], self.eval_batch_size or self.batch_size
+            [r["turn"] for r in dataset.records],
+            self.eval_batch_size or self.batch_size,
+            indices=shard.indices,
         )
         return DataLoader(
             dataset,

@@ -11,7 +11,6 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -21,10 +20,55 @@ from editbench.callbacks import EditImageLogger, EditPredictionWriter, MultiTurn
 from editbench.commands.expressive import CommandInputError
 from editbench.commands.report import ReportError
 from models.base import CheckpointMismatchError, EditModel
+from models.checkpoint import read_checkpoint
 
 # main() hands LightningCLI an explicit argument list (after the checkpoint defaults), which is
 # intended; Lightning would warn about it on every run.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+
+
+def device_count(devices: int | str | Sequence[int] | None) -> int | None:
+    """Processes per node that ``Trainer(devices=...)`` starts, when the value states it
+    (``4``, ``"4"``, ``[0, 1]``, ``"0,1"``); ``None`` for ``"auto"`` and ``-1`` (known only
+    once the accelerator is up)."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str):
+        text = devices.strip()
+        if "," in text:
+            return len([d for d in text.split(",") if d.strip()])
+        if not text.lstrip("-").isdigit():
+            return None
+        devices = int(text)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    return None
+
+
+def gradient_accumulation(global_batch_size, batch_size, devices, num_nodes) -> int:
+    """``trainer.accumulate_grad_batches`` = global batch / (per-process batch x processes),
+    the linked value of ``global_batch_size``; 1 when no global batch is given. A global batch
+    that the per-step batch does not divide, or a device count not known before the run
+    (``"auto"``), is an error naming the numbers."""
+    if global_batch_size is None:
+        return 1
+    count = device_count(devices)
+    nodes = int(num_nodes or 1)
+    if count is None:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} needs an explicit process count: "
+            f"trainer.devices is {devices!r}; give --trainer.devices N (or --global_batch_size null)"
+        )
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"global_batch_size {global_batch_size} needs data.init_args.batch_size")
+    per_step = batch_size * count * nodes
+    if global_batch_size < 1 or global_batch_size % per_step:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is not a multiple of data batch_size "
+            f"{batch_size} x trainer.devices {count} x trainer.num_nodes {nodes} = {per_step}"
+            f" (to evaluate only, pass --global_batch_size null)"
+        )
+    return global_batch_size // per_step
 
 
 class EditbenchCLI(LightningCLI):
@@ -42,7 +86,12 @@ class EditbenchCLI(LightningCLI):
             seed_everything_default=0,
             parser_kwargs={"parser_mode": "omegaconf"},
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step"), MultiTurnChaining()]},
+            trainer_defaults={
+                "callbacks": [LearningRateMonitor(logging_interval="step"), MultiTurnChaining()],
+                # The DataModules split the data across processes themselves (evaluation
+                # unpadded, MagicBrush sessions whole: datamodules/sampling.py).
+                "use_distributed_sampler": False,
+            },
             auto_configure_optimizers=False,
             args=args,
             run=run,
@@ -57,6 +106,22 @@ class EditbenchCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(EditImageLogger, "image_logger")
         parser.add_lightning_class_args(EditPredictionWriter, "prediction_writer")
+        # A paper's global batch is stated once; the accumulation follows from the per-GPU
+        # batch and the process count, so `--trainer.devices 4` keeps the paper's batch.
+        parser.add_argument(
+            "--global_batch_size",
+            type=int | None,
+            default=None,
+            help="Samples per optimizer step over all processes; trainer.accumulate_grad_batches "
+            "is derived as global_batch_size / (data batch_size * trainer.devices * "
+            "trainer.num_nodes), and must divide (null: no accumulation; the evaluation diffs "
+            "set null, so test/predict run on any device count).",
+        )
+        parser.link_arguments(
+            ("global_batch_size", "data.init_args.batch_size", "trainer.devices", "trainer.num_nodes"),
+            "trainer.accumulate_grad_batches",
+            compute_fn=gradient_accumulation,
+        )
 
 
 def checkpoint_defaults(argv: Sequence[str]) -> list[str]:
@@ -74,15 +139,15 @@ def checkpoint_defaults(argv: Sequence[str]) -> list[str]:
         if name in ("--ckpt_path", "--ckpt"):
             path = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
     if path is None or not Path(path).is_file():
-        return []
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return []  # Lightning's own values (`last`, `best`) or its error for a missing file
+    checkpoint = read_checkpoint(path, what="--ckpt_path")
     extra = []
-    for key, flag in (("hyper_parameters", "--model"), ("datamodule_hyper_parameters", "--data")):
-        hparams = dict(checkpoint.get(key) or {})
-        hparams.pop("_instantiator", None)
-        class_path = hparams.pop("_class_path", None)
+    for data, flag in ((False, "--model"), (True, "--data")):
+        hparams = checkpoint.datamodule_hparams if data else checkpoint.hparams
+        class_path = hparams.get("_class_path")
         if class_path:
-            extra += [flag, json.dumps({"class_path": class_path, "init_args": hparams})]
+            init_args = checkpoint.init_args(data=data)
+            extra += [flag, json.dumps({"class_path": class_path, "init_args": init_args})]
     return extra
 
 

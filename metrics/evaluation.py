@@ -1,7 +1,7 @@
 """EditEvaluator: a protocol's metrics for the model and the copy-the-input baseline.
 
 One evaluator scores a test (or sampled validation) run: for every aggregation of the protocol
-(``all``; MagicBrush adds ``single`` and ``final``) it keeps one instance of each metric for the
+(``all``; MagicBrush adds ``final`` and ``turn1``) it keeps one instance of each metric for the
 model's edits and one for the copy-the-input baseline (``preds = source``), feeds each metric
 the batch fields it takes (:data:`metrics.collection.METRIC_INPUTS`: images, masks, captions,
 instructions) and reports flat keys::
@@ -12,18 +12,31 @@ instructions) and reports flat keys::
 
 plus the table (raw values times :data:`metrics.protocols.PAPER_SCALE`) and a provenance
 record saying how every number was measured.
+
+Where the batch carries the native images (``target_native``, ``source_native``,
+``mask_native``: the DataModules' evaluation collate), edits are scored at the native ground
+truth's size on the whole image, as MagicBrush's script does (:mod:`metrics.native`);
+hand-built batches without them are scored at the model's resolution.
+
+Exact under DDP: ``compute()`` is a collective that every rank reaches with the same calls in
+the same order, whatever turns each rank saw: first one ``all_reduce`` of the per-aggregation
+sample counts, then ``compute()`` of every metric of every aggregation whose global count is
+positive (ranks that saw none join with empty states, see :mod:`metrics.distributed`); an
+aggregation no rank saw is nan everywhere. ``num_samples()`` returns the counts of the last
+``compute()`` (no further collective), so it is safe on rank 0 alone.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric, SumMetric
+from torchmetrics import Metric
 
 from metrics.collection import (
     METRIC_BACKBONES,
@@ -32,12 +45,20 @@ from metrics.collection import (
     check_metric_names,
     metric_inputs,
 )
+from metrics.distributed import align_list_states, global_counts
+from metrics.native import NATIVE_DESCRIPTION, NativeBatch, has_native
 from metrics.pixel import at_least_float32
-from metrics.protocols import Protocol, aggregation_indices
+from metrics.protocols import MAGICBRUSH_BACKBONES, Protocol, aggregation_indices
 
 #: Default backbone folders, under ``$EDITBENCH_BACKBONES`` (default
-#: ``~/.cache/editbench/backbones``): MagicBrush's CLIP ViT-B/32 and DINO ViT-S/16.
-DEFAULT_BACKBONE_NAMES = {"clip": "clip-vit-base-patch32", "dino": "dino-vits16"}
+#: ``~/.cache/editbench/backbones``), of a protocol that names none: MagicBrush's CLIP ViT-B/32
+#: and DINO ViT-S/16. Protocols name their own (:attr:`Protocol.backbones`).
+DEFAULT_BACKBONE_NAMES = dict(MAGICBRUSH_BACKBONES)
+
+#: Batch keys that are not one entry per sample (never indexed by an aggregation).
+BATCH_LEVEL_KEYS = frozenset({"skipped_ids"})
+
+_NOT_UPDATED = r".*was called before the ``update`` method.*"
 
 
 def backbone_home() -> Path:
@@ -47,11 +68,13 @@ def backbone_home() -> Path:
     )
 
 
-def default_backbones() -> dict[str, str]:
-    """``{"clip": <home>/clip-vit-base-patch32, "dino": <home>/dino-vits16}``; LPIPS and
+def default_backbones(protocol: Protocol | None = None) -> dict[str, str]:
+    """The protocol's backbone folders under :func:`backbone_home` (without a protocol:
+    ``{"clip": <home>/clip-vit-base-patch32, "dino": <home>/dino-vits16}``); LPIPS and
     Inception weights default to the torch hub cache inside their metrics."""
     home = backbone_home()
-    return {kind: str(home / name) for kind, name in DEFAULT_BACKBONE_NAMES.items()}
+    names = protocol.backbones if protocol is not None else DEFAULT_BACKBONE_NAMES
+    return {kind: str(home / name) for kind, name in names.items()}
 
 
 def build_metric(
@@ -84,11 +107,14 @@ class EditEvaluator(nn.Module):
     """Scores edits under a :class:`~metrics.protocols.Protocol`.
 
     Args:
-        protocol: the dataset's protocol (aggregations, default aggregation, scaling).
+        protocol: the dataset's protocol (aggregations, default aggregation, scaling, default
+            backbones and metric arguments).
         names: metric names (default: the protocol's columns).
-        metric_kwargs: constructor arguments per metric name.
+        metric_kwargs: constructor arguments per metric name (over the protocol's defaults,
+            key by key).
         backbones: backbone folders/files by kind (``clip``, ``dino``, ``lpips``,
-            ``inception``), shared by the metrics that use them.
+            ``inception``), shared by the metrics that use them; kinds not given take the
+            protocol's defaults under ``$EDITBENCH_BACKBONES``.
         copy_baseline: also score the copy-the-input baseline.
         prefix: the key prefix (``test`` or ``val``).
     """
@@ -107,18 +133,22 @@ class EditEvaluator(nn.Module):
         self.protocol = protocol
         self.names = list(names) if names is not None else list(protocol.columns)
         metric_kwargs = check_metric_names(self.names, metric_kwargs)
-        self.backbones = {**default_backbones(), **dict(backbones or {})}
+        merged = {
+            name: {**protocol.metric_kwargs.get(name, {}), **dict(metric_kwargs.get(name, {}))}
+            for name in self.names
+        }
+        self.backbones = {**default_backbones(protocol), **dict(backbones or {})}
         self.prefix = prefix
 
         def build(names: list[str]) -> nn.ModuleDict:
-            return nn.ModuleDict(
-                {n: build_metric(n, metric_kwargs.get(n), self.backbones) for n in names}
-            )
+            return nn.ModuleDict({n: build_metric(n, merged[n], self.backbones) for n in names})
 
         copied = [n for n in self.names if n not in NO_COPY_BASELINE] if copy_baseline else []
         self.model_metrics = nn.ModuleDict({a: build(self.names) for a in protocol.aggregations})
         self.copy_metrics = nn.ModuleDict({a: build(copied) for a in protocol.aggregations})
-        self.counts = nn.ModuleDict({a: SumMetric() for a in protocol.aggregations})
+        self._local_counts = dict.fromkeys(protocol.aggregations, 0)
+        self._global_counts: dict[str, int] | None = None
+        self._scored = {"native": 0, "model": 0, "boxes": 0}
 
     # ------------------------------------------------------------------ update
     @staticmethod
@@ -131,15 +161,21 @@ class EditEvaluator(nn.Module):
         return fields
 
     @staticmethod
-    def _select(fields: dict[str, Any], index: Tensor | None) -> dict[str, Any]:
+    def _select(fields: dict[str, Any], index: Tensor | list[int] | None) -> dict[str, Any]:
+        """The per-sample fields at ``index`` (tensors with a batch dimension and lists of
+        batch length, except :data:`BATCH_LEVEL_KEYS`); other fields are kept whole."""
         if index is None:
             return fields
+        size = len(fields["preds"])
+        positions = index.tolist() if isinstance(index, Tensor) else list(index)
         chosen = {}
-        positions = index.tolist()
         for key, value in fields.items():
-            if isinstance(value, Tensor) and value.ndim > 0:
-                chosen[key] = value[index.to(value.device)]
-            elif isinstance(value, list | tuple):
+            per_sample = key not in BATCH_LEVEL_KEYS
+            if per_sample and isinstance(value, Tensor) and value.ndim > 0 and len(value) == size:
+                chosen[key] = value[
+                    torch.as_tensor(positions, dtype=torch.long, device=value.device)
+                ]
+            elif per_sample and isinstance(value, list | tuple) and len(value) == size:
                 chosen[key] = [value[i] for i in positions]
             else:
                 chosen[key] = value
@@ -150,7 +186,7 @@ class EditEvaluator(nn.Module):
             inputs = metric_inputs(name, metric)
             missing = [k for k in inputs if fields.get(k) is None]
             if missing:
-                ids = ", ".join(list(fields.get("id") or [])[:3])
+                ids = ", ".join(str(i) for i in list(fields.get("id") or [])[:3])
                 raise ValueError(
                     f"metric {name} needs the batch field(s) {missing}, which this dataset does "
                     f"not provide (samples {ids}); drop {name} from the metrics or use data "
@@ -158,22 +194,48 @@ class EditEvaluator(nn.Module):
                 )
             metric.update(*[fields[k] for k in inputs])
 
+    def _groups(self, fields: dict, native: NativeBatch | None, index: Tensor | None) -> list[dict]:
+        """The fields of the chosen samples, one dict per native size (one dict without
+        native images)."""
+        if native is None:
+            return [self._select(fields, index)]
+        rows = list(range(len(fields["preds"]))) if index is None else index.tolist()
+        groups = []
+        for members, images in native.groups(rows):
+            chosen = self._select(fields, members)
+            chosen.update(images)
+            groups.append(chosen)
+        return groups
+
     def update(self, batch: dict, preds: Tensor) -> None:
-        """Score a batch's edits ``preds`` ([-1, 1]) against its ``target`` (and the copy
-        baseline, ``preds = source``), for every aggregation."""
+        """Score a batch's edits ``preds`` ([-1, 1]) against its target (and the copy
+        baseline, ``preds = source``), for every aggregation; at native resolution when the
+        batch carries ``target_native``."""
         fields = self._fields(batch, preds)
+        native = NativeBatch(batch, fields["preds"]) if has_native(batch) else None
+        self._scored["native" if native is not None else "model"] += len(fields["preds"])
+        self._scored["boxes"] += native.boxes if native is not None else 0
+        self._global_counts = None
         with torch.autocast(device_type=preds.device.type, enabled=False):
             for aggregation in self.protocol.aggregations:
-                chosen = self._select(fields, aggregation_indices(aggregation, batch))
-                count = len(chosen["preds"])
-                if count == 0:
+                index = aggregation_indices(aggregation, batch)
+                if index is not None and len(index) == 0:
                     continue
-                self.counts[aggregation].update(torch.tensor(float(count)))
-                self._update(self.model_metrics[aggregation], chosen)
-                if len(self.copy_metrics[aggregation]):
-                    self._update(
-                        self.copy_metrics[aggregation], chosen | {"preds": chosen["source"]}
-                    )
+                for chosen in self._groups(fields, native, index):
+                    self._local_counts[aggregation] += len(chosen["preds"])
+                    self._update(self.model_metrics[aggregation], chosen)
+                    if len(self.copy_metrics[aggregation]):
+                        self._update_copy(aggregation, chosen, native is not None)
+
+    def _update_copy(self, aggregation: str, chosen: dict, native: bool) -> None:
+        if chosen.get("source") is None:
+            ids = ", ".join(str(i) for i in list(chosen.get("id") or [])[:3])
+            key = "source_native (beside target_native)" if native else "source"
+            raise ValueError(
+                f"the copy-the-input baseline needs the batch field {key}, which samples {ids} "
+                "lack; set copy_baseline=False or use data that has it"
+            )
+        self._update(self.copy_metrics[aggregation], chosen | {"preds": chosen["source"]})
 
     # ------------------------------------------------------------------ results
     def _key(self, name: str, aggregation: str, copy: bool) -> list[str]:
@@ -185,25 +247,56 @@ class EditEvaluator(nn.Module):
             keys.append(f"{base}/{aggregation}/{name}")
         return keys
 
+    def _sync_counts(self) -> dict[str, int]:
+        aggregations = list(self.protocol.aggregations)
+        counts = global_counts([self._local_counts[a] for a in aggregations], _metric_device(self))
+        self._global_counts = dict(zip(aggregations, counts, strict=True))
+        return self._global_counts
+
     def compute(self) -> dict[str, float]:
-        """Flat results (see the module docstring); metrics that saw no sample are nan."""
+        """Flat results (see the module docstring); aggregations no process saw are nan.
+
+        A collective under DDP: call it on every rank."""
+        counts = self._sync_counts()
         results: dict[str, float] = {}
         for aggregation in self.protocol.aggregations:
             for copy, metrics in ((False, self.model_metrics), (True, self.copy_metrics)):
                 for name, metric in metrics[aggregation].items():
-                    if not metric.update_called:
+                    if counts[aggregation] == 0:
                         values = {name: float("nan")}
                     else:
-                        values = flatten_value(name, metric.compute())
+                        align_list_states(metric)
+                        with warnings.catch_warnings():
+                            # a rank that saw none of this aggregation still joins the sync
+                            warnings.filterwarnings("ignore", message=_NOT_UPDATED)
+                            values = flatten_value(name, metric.compute())
                     for flat, value in values.items():
                         for key in self._key(flat, aggregation, copy):
                             results[key] = value
         return results
 
     def num_samples(self) -> dict[str, int]:
-        """Samples scored per aggregation (summed over processes)."""
+        """Samples scored per aggregation, summed over processes: the counts of the last
+        :meth:`compute` (no collective then); before any, they are synced here (a collective)."""
+        if self._global_counts is None:
+            self._sync_counts()
+        return dict(self._global_counts)
+
+    def scoring(self) -> dict[str, Any]:
+        """How the images were compared (this process's view): ``resolution`` ``native``
+        (MagicBrush's rule, :mod:`metrics.native`), ``model`` (the model's resolution) or
+        ``mixed``; ``boxes``: samples whose ``model_box``/``native_box`` were applied."""
+        native, model = self._scored["native"], self._scored["model"]
+        resolution = "mixed" if native and model else "native" if native else "model"
+        description = {
+            "native": NATIVE_DESCRIPTION,
+            "model": "edit and target compared at the model's input resolution",
+            "mixed": "some batches at native resolution, some at the model's",
+        }[resolution]
         return {
-            a: int(m.compute()) if m.update_called else 0 for a, m in self.counts.items()
+            "resolution": resolution,
+            "description": description,
+            "boxes": self._scored["boxes"],
         }
 
     def table(self, results: Mapping[str, float], copy: bool = False) -> dict[str, float]:
@@ -213,7 +306,7 @@ class EditEvaluator(nn.Module):
         for key, value in results.items():
             if not key.startswith(base):
                 continue
-            name = key[len(base):]
+            name = key[len(base) :]
             if "/" in name:  # another aggregation or the copy baseline
                 continue
             table[name] = value * self.protocol.scale_of(name)
@@ -233,5 +326,15 @@ class EditEvaluator(nn.Module):
             for metrics in group.values():
                 for metric in metrics.values():
                     metric.reset()
-        for metric in self.counts.values():
-            metric.reset()
+        self._local_counts = dict.fromkeys(self.protocol.aggregations, 0)
+        self._global_counts = None
+        self._scored = {"native": 0, "model": 0, "boxes": 0}
+
+
+def _metric_device(evaluator: EditEvaluator) -> torch.device:
+    """The device of the evaluator's metrics (their states), CPU when it has none."""
+    for group in (evaluator.model_metrics, evaluator.copy_metrics):
+        for metrics in group.values():
+            for metric in metrics.values():
+                return metric.device
+    return torch.device("cpu")

@@ -26,6 +26,9 @@ the processor's own config values (``size``, ``crop_size``, ``resample``, ``resc
 normalise. This matches the processor (which works on 8-bit PIL images or uint8 tensors) up to
 resize-kernel differences and the processor's 8-bit quantisation; where the resize is the
 identity (images already at the target size) the pixel values agree to float precision.
+InstructPix2Pix's metrics (``CLIP_direction``, ``CLIP_image``) instead follow its
+``metrics/clip_similarity.py`` by default: a square bicubic resize without crop
+(:mod:`metrics.ip2p`, ``preprocess="instructpix2pix"``).
 
 DINO follows MagicBrush's protocol by default (``transform="magicbrush"``): Resize 256
 (shortest edge, bicubic), CenterCrop 224, ImageNet mean/std, then the ViT's CLS token of the
@@ -46,6 +49,15 @@ from torchmetrics import Metric
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from metrics.ip2p import (
+    DESCRIPTIONS,
+    RANGE_DESCRIPTIONS,
+    ClipInputRange,
+    ClipPreprocess,
+    check_options,
+    clip_input_size,
+    preprocess_instructpix2pix,
+)
 from metrics.pixel import at_least_float32, to_unit_range
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -304,26 +316,46 @@ class _CosineMetric(Metric):
 
 
 class _ClipMetric(_CosineMetric):
-    def __init__(self, clip_path: str | Path, **kwargs) -> None:
+    """A CLIP metric. ``preprocess``: ``"processor"`` (the CLIP processor's resize and centre
+    crop, MagicBrush's CLIP-I/CLIP-T) or ``"instructpix2pix"`` (:mod:`metrics.ip2p`); None takes
+    the class's default. ``input_range="signed"``: InstructPix2Pix's released-script range."""
+
+    default_preprocess: ClipPreprocess = "processor"
+
+    def __init__(
+        self,
+        clip_path: str | Path,
+        preprocess: ClipPreprocess | None = None,
+        input_range: ClipInputRange = "unit",
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.clip_path = _resolve(clip_path, type(self).__name__, "CLIP", _CLIP_WHAT)
+        self.preprocess = preprocess or self.default_preprocess
+        self.input_range = input_range
+        check_options(type(self).__name__, self.preprocess, input_range)
 
     def provenance(self) -> dict:
         """How this metric measures: the CLIP folder (path and weights hash) and preprocessing."""
         from metrics.provenance import backbone_record
 
-        return {
+        record = {
             "backbone": backbone_record(self.clip_path),
-            "preprocess": "the CLIP processor's resize / center crop / normalisation on [0,1] "
-            "tensors; projected embeddings",
+            "preprocess": DESCRIPTIONS[self.preprocess],
         }
+        if self.preprocess == "instructpix2pix":
+            record["input_range"] = f"{self.input_range}: {RANGE_DESCRIPTIONS[self.input_range]}"
+        return record
 
     def backbone(self, device: torch.device) -> tuple[Any, Any]:
         """The shared ``(CLIPModel, CLIPProcessor)`` on ``device`` (cached, never a submodule)."""
         return load_clip(self.clip_path, device, metric=type(self).__name__)
 
     def _images(self, model, processor, images: Tensor) -> Tensor:
-        return clip_image_embeddings(model, processor, images)
+        if self.preprocess == "processor":
+            return clip_image_embeddings(model, processor, images)
+        pixels = preprocess_instructpix2pix(images, clip_input_size(model), self.input_range)
+        return _projected(model.get_image_features(pixel_values=pixels)).float()
 
 
 class DINO(_CosineMetric):
@@ -409,8 +441,11 @@ class CLIPImageSimilarity(CVS):
     embeddings of ``source`` and ``preds`` (CVS against the input instead of the goal).
 
     ``update(source, preds)``; mean over images of the per-image cosine. Higher means the edit
-    kept more of the input.
+    kept more of the input. Preprocessed as InstructPix2Pix's ``clip_similarity.py`` by default
+    (:mod:`metrics.ip2p`).
     """
+
+    default_preprocess: ClipPreprocess = "instructpix2pix"
 
     def update(self, source: Tensor, preds: Tensor) -> None:  # type: ignore[override]
         """Add a batch: ``source`` and ``preds`` are ``[B, 3, H, W]`` in ``[-1, 1]``."""
@@ -447,8 +482,11 @@ class CLIPDirectionalSimilarity(_ClipMetric):
     Higher is better. An unchanged image (or identical captions) has no direction: when
     ``|img(preds) - img(source)|`` or the text difference is below ``DIRECTION_EPS`` (1e-4 on
     unit embeddings, well above the ~1e-6 float32 noise of batched matmuls, well below any
-    real edit) the image scores 0 rather than the cosine of noise.
+    real edit) the image scores 0 rather than the cosine of noise. Images are preprocessed as
+    InstructPix2Pix's ``clip_similarity.py`` by default (:mod:`metrics.ip2p`).
     """
+
+    default_preprocess: ClipPreprocess = "instructpix2pix"
 
     def update(
         self,

@@ -13,7 +13,10 @@ Conventions shared by every metric here:
   truth's size. The interpolation is ``resize_mode`` (``"bicubic"`` by default, or
   ``"bilinear"``); torch's antialiased resize agrees with Pillow's ``Image.resize`` on float
   images to ~1e-6. Bicubic is the default because MagicBrush's script calls ``Image.resize``
-  without a filter, which Pillow (>= 7) treats as BICUBIC on 8-bit RGB images. Images are not quantised to 8 bits as the script's PNGs are.
+  without a filter, which Pillow (>= 7) treats as BICUBIC on 8-bit RGB images. The metrics
+  do not quantise to 8 bits as the script's PNGs are; the evaluator's native-resolution
+  scoring (:mod:`metrics.native`) quantises and resizes with PIL itself before any metric
+  sees the images.
 - Every metric is a mean over images of a per-image value (each image weighs the same,
   whatever the batch sizes), accumulated in ``"sum"``-reduced states so it is exact under DDP.
 """

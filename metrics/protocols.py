@@ -1,33 +1,58 @@
-"""Evaluation protocols: which metrics a dataset is scored with, and how the paper prints them.
+"""Evaluation protocols: which metrics a dataset is scored with, how, and how the paper prints them.
 
 The columns are those of MGIE's Tables 1-2 (Fu et al., 2024, Sec. 4.1):
 
-=============  ===============================  ==========================================
-dataset        columns                          source of the protocol
-=============  ===============================  ==========================================
-EVR            L1, DINO, CVS                    MGIE Table 1-2
-GIER           L1, SSIM, CVS                    MGIE Table 1-2
-MA5k           L1, SSIM, LPIPS                  MGIE Table 1-2
-MagicBrush     L1, DINO, CVS, CTS               MGIE Table 1-2 / MagicBrush (Zhang et al.)
-IPr2Pr         CLIP_direction, CLIP_image       InstructPix2Pix's CFG sweep (Brooks et al.)
-synthetic      L1, L1_edit, SSIM                exact ground truth, backbone-free
-=============  ===============================  ==========================================
+==================  ============================  ==============================================
+protocol            columns                       source of the protocol
+==================  ============================  ==============================================
+evr                 L1, DINO, CVS                 MGIE Tables 1-2
+gier                L1, SSIM, CVS                 MGIE Tables 1-2
+ma5k                L1, SSIM, LPIPS               MGIE Tables 1-2
+magicbrush          L1, DINO, CVS, CTS            MGIE Tables 1-2 (CTS on global captions)
+magicbrush-paper    L1, DINO, CVS, CTS            MagicBrush paper (CLIP-T on local captions)
+ipr2pr              CLIP_direction, CLIP_image    InstructPix2Pix's CFG sweep (Brooks et al.)
+synthetic           L1, L1_edit, SSIM             exact ground truth, backbone-free
+==================  ============================  ==============================================
 
 Scaling (:data:`PAPER_SCALE`): MGIE prints DINO, CVS and SSIM as percentages and CTS as
 ``100 * cos``; L1 and LPIPS raw. Raw values stay in ``test_metrics.json``'s ``metrics``; the
 scaled ones form its ``table``. FID, KID and VIEScore are added on demand
 (``model.init_args.extra_metrics``).
 
-MagicBrush is scored as its paper does, for either test mode of the data (independent or
-iterative generation): ``single`` (turn 1 of every session), ``final`` (the last turn of each
-session) and ``all`` (every turn). MGIE does not say which of these its tables use; the table
-takes :attr:`Protocol.default_aggregation` (``single``, configurable), every aggregation is in
-``metrics`` and the one used is recorded.
+Backbones (:attr:`Protocol.backbones`, folder names under ``$EDITBENCH_BACKBONES``): MagicBrush's
+``evaluation/image_eval.py`` uses CLIP ViT-B/32 (CLIP-I, CLIP-T) and ``dino_vits16``; MGIE
+reuses MagicBrush's metrics for every dataset. InstructPix2Pix's ``metrics/clip_similarity.py``
+uses CLIP ViT-L/14. A user's ``backbones`` override these; each metric's provenance records the
+folder (and its weights' hash) it used.
+
+CTS caption source (:attr:`Protocol.caption_source`): MGIE speaks of CTS as "global caption
+alignment" (Sec. 4.2), which is also the default of MagicBrush's script (``--caption_path``
+defaults to ``global_description.json``); the MagicBrush paper used the local (per-turn)
+descriptions. The data module's ``caption_source`` decides which captions a sample carries, so
+:meth:`Protocol.for_data` refuses data whose captions are not the protocol's.
+
+MagicBrush turn settings (its ``evaluation/README.md`` and ``image_eval.py``), for either test
+mode of the data (:data:`MAGICBRUSH_SETTINGS`):
+
+- *single-turn* (the script's ``all_turn``): every independently generated turn (``<id>_1``,
+  ``<id>_inde_<k>``, all 1,053 test turns) = aggregation ``all`` of an ``independent`` run;
+- *multi-turn* (the script's ``final_turn``): the last turn of each session generated
+  iteratively (``<id>_iter_<n>``, or ``<id>_1`` for a one-turn session) = aggregation ``final``
+  of an ``iterative`` run.
+
+Every run reports the aggregations ``all``, ``final`` and ``turn1`` (turn 1 alone, which is
+neither setting); the table takes the one the data's ``test_mode`` makes a MagicBrush setting
+(:meth:`Protocol.for_data`) unless a user's ``aggregation`` overrides it. MGIE does not say
+which setting its MagicBrush columns use and MagicBrush's READMEs name neither as the main one;
+the suite's default is single-turn (``all``, the default ``independent`` test mode), the
+setting that scores every test turn, and the results record the setting by MagicBrush's name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -35,7 +60,51 @@ import torch
 PAPER_SCALE: dict[str, float] = {"DINO": 100.0, "CVS": 100.0, "SSIM": 100.0, "CTS": 100.0}
 
 #: Aggregations of multi-turn data (MagicBrush): which samples each one scores.
-AGGREGATIONS = ("single", "final", "all")
+AGGREGATIONS = ("all", "final", "turn1")
+
+#: Former aggregation names, with what replaced them (an error names the new one).
+RENAMED_AGGREGATIONS = {
+    "single": "'single' was turn 1 only, which is neither MagicBrush setting: it is now "
+    "'turn1'; MagicBrush's single-turn setting is 'all' of an independent run"
+}
+
+#: Metrics that read the batch's captions (their source must be the protocol's).
+CAPTION_METRICS = ("CTS", "CLIP_direction")
+
+#: Backbone folder names (under ``$EDITBENCH_BACKBONES``) of MagicBrush's evaluation script.
+MAGICBRUSH_BACKBONES = {"clip": "clip-vit-base-patch32", "dino": "dino-vits16"}
+#: InstructPix2Pix's CLIP (``metrics/clip_similarity.py``: ``ClipSimilarity(name="ViT-L/14")``).
+INSTRUCTPIX2PIX_BACKBONES = {"clip": "clip-vit-large-patch14"}
+
+
+@dataclass(frozen=True)
+class TurnSetting:
+    """A MagicBrush evaluation setting: its name, the script's name, the aggregation that
+    gives it and the test mode it needs."""
+
+    name: str
+    script_name: str
+    aggregation: str
+    test_mode: str
+
+
+#: test_mode -> the MagicBrush setting that mode's run reports.
+MAGICBRUSH_SETTINGS = {
+    "independent": TurnSetting("single-turn", "all_turn", "all", "independent"),
+    "iterative": TurnSetting("multi-turn", "final_turn", "final", "iterative"),
+}
+
+
+def _check_aggregation(protocol: str, aggregation: str, known: tuple[str, ...]) -> None:
+    if aggregation in RENAMED_AGGREGATIONS:
+        raise ValueError(
+            f"protocol {protocol!r}: aggregation {aggregation!r} was renamed: "
+            f"{RENAMED_AGGREGATIONS[aggregation]}"
+        )
+    if aggregation not in known:
+        raise ValueError(
+            f"protocol {protocol!r}: unknown aggregation {aggregation!r}; known: {known}"
+        )
 
 
 @dataclass(frozen=True)
@@ -45,10 +114,17 @@ class Protocol:
     Attributes:
         name: the protocol's name (a DataModule's ``protocol`` attribute).
         columns: metric names of the paper's table, in its order.
-        aggregations: ``("all",)`` for single-turn data; MagicBrush adds ``single`` and
-            ``final``.
+        aggregations: ``("all",)`` for single-turn data; MagicBrush adds ``final`` and
+            ``turn1``.
         default_aggregation: the aggregation that fills ``test/<metric>`` and the table.
         source: where the protocol comes from (printed in the report's footnotes).
+        scale: table multipliers per metric.
+        backbones: default backbone folder names by kind (``clip``, ``dino``), under
+            ``$EDITBENCH_BACKBONES``.
+        metric_kwargs: default constructor arguments per metric (a user's win key by key).
+        caption_source: the captions CTS is measured against (``"global"``/``"local"``), None
+            where the protocol does not say.
+        turn_settings: test_mode -> the MagicBrush setting (:data:`MAGICBRUSH_SETTINGS`).
     """
 
     name: str
@@ -57,15 +133,19 @@ class Protocol:
     default_aggregation: str = "all"
     source: str = ""
     scale: dict[str, float] = field(default_factory=lambda: dict(PAPER_SCALE))
+    backbones: dict[str, str] = field(default_factory=lambda: dict(MAGICBRUSH_BACKBONES))
+    metric_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    caption_source: str | None = None
+    turn_settings: dict[str, TurnSetting] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = [a for a in self.aggregations if a not in AGGREGATIONS]
-        if unknown:
-            raise ValueError(f"protocol {self.name!r}: unknown aggregation(s) {unknown}")
-        if self.default_aggregation not in self.aggregations:
+        for aggregation in self.aggregations:
+            _check_aggregation(self.name, aggregation, AGGREGATIONS)
+        _check_aggregation(self.name, self.default_aggregation, self.aggregations)
+        if self.caption_source not in (None, "local", "global"):
             raise ValueError(
-                f"protocol {self.name!r}: default aggregation {self.default_aggregation!r} is "
-                f"not one of {self.aggregations}"
+                f"protocol {self.name!r}: caption_source must be 'local', 'global' or None, got "
+                f"{self.caption_source!r}"
             )
 
     def scale_of(self, name: str) -> float:
@@ -74,11 +154,64 @@ class Protocol:
         return self.scale.get(name.split("_")[0], 1.0)
 
     def with_aggregation(self, aggregation: str) -> Protocol:
-        """The same protocol with another default aggregation (e.g. MagicBrush final-turn)."""
-        return Protocol(
-            self.name, self.columns, self.aggregations, aggregation, self.source, dict(self.scale)
-        )
+        """The same protocol with another default aggregation (``all``, ``final``,
+        ``turn1``); ``single`` (the former turn-1 aggregation) is an error naming its new
+        name."""
+        _check_aggregation(self.name, aggregation, self.aggregations)
+        return dataclasses.replace(self, default_aggregation=aggregation)
 
+    def setting(self, aggregation: str | None, test_mode: str | None) -> TurnSetting | None:
+        """The MagicBrush setting that ``aggregation`` of a ``test_mode`` run is, if any."""
+        setting = self.turn_settings.get(test_mode) if test_mode else None
+        aggregation = aggregation or self.default_aggregation
+        return setting if setting is not None and setting.aggregation == aggregation else None
+
+    def for_data(self, datamodule: Any) -> Protocol:
+        """This protocol for the data ``datamodule`` serves.
+
+        - Turn setting: where the data has a ``test_mode`` that makes one of the protocol's
+          aggregations a MagicBrush setting (independent -> single-turn = ``all``; iterative ->
+          multi-turn = ``final``), that aggregation becomes the default. Apply a user's
+          ``aggregation`` after this (:meth:`with_aggregation`).
+        - Captions: where the protocol names a ``caption_source`` and scores captions (CTS), the
+          data's ``caption_source`` must be the same, else a ``ValueError`` names both.
+        """
+        protocol = self
+        test_mode = getattr(datamodule, "test_mode", None)
+        setting = self.turn_settings.get(test_mode) if isinstance(test_mode, str) else None
+        if setting is not None and setting.aggregation in self.aggregations:
+            protocol = dataclasses.replace(self, default_aggregation=setting.aggregation)
+        self.check_captions(getattr(datamodule, "caption_source", None), type(datamodule).__name__)
+        return protocol
+
+    def check_captions(self, data_source: str | None, data_name: str = "the data") -> None:
+        """Raise when the protocol scores captions from another source than ``data_source``."""
+        if self.caption_source is None or data_source is None:
+            return
+        if not any(c in CAPTION_METRICS for c in self.columns):
+            return
+        if data_source != self.caption_source:
+            other = [p.name for p in PROTOCOLS.values() if p.caption_source == data_source]
+            hint = f" or use the protocol {other[0]!r}" if other else ""
+            raise ValueError(
+                f"protocol {self.name!r} scores captions (CTS) against {self.caption_source} ones, but "
+                f"{data_name} has caption_source={data_source!r}: set the data's "
+                f"caption_source to {self.caption_source!r}{hint} (model.init_args.protocol)"
+            )
+
+    def settings_for(self, test_mode: str | None) -> dict[str, str]:
+        """``{aggregation: MagicBrush setting name}`` of a ``test_mode`` run (e.g.
+        ``{"all": "single-turn"}`` for an independent run; empty where none applies)."""
+        setting = self.turn_settings.get(test_mode) if test_mode else None
+        return {setting.aggregation: setting.name} if setting is not None else {}
+
+
+_MAGICBRUSH = dict(
+    columns=("L1", "DINO", "CVS", "CTS"),
+    aggregations=AGGREGATIONS,
+    default_aggregation="all",
+    turn_settings=dict(MAGICBRUSH_SETTINGS),
+)
 
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p
@@ -88,15 +221,23 @@ PROTOCOLS: dict[str, Protocol] = {
         Protocol("ma5k", ("L1", "SSIM", "LPIPS"), source="MGIE Tables 1-2"),
         Protocol(
             "magicbrush",
-            ("L1", "DINO", "CVS", "CTS"),
-            aggregations=AGGREGATIONS,
-            default_aggregation="single",
-            source="MGIE Tables 1-2; turn aggregations of MagicBrush (Zhang et al., 2023)",
+            source="MGIE Tables 1-2 (CTS: 'global caption alignment'); turn settings of "
+            "MagicBrush's evaluation/README.md",
+            caption_source="global",
+            **_MAGICBRUSH,
+        ),
+        Protocol(
+            "magicbrush-paper",
+            source="MagicBrush paper (Zhang et al., 2023): CLIP-T on the local descriptions; "
+            "turn settings of its evaluation/README.md",
+            caption_source="local",
+            **_MAGICBRUSH,
         ),
         Protocol(
             "ipr2pr",
             ("CLIP_direction", "CLIP_image"),
-            source="InstructPix2Pix's CLIP directional / image similarity",
+            source="InstructPix2Pix's metrics/clip_similarity.py (CLIP ViT-L/14)",
+            backbones=dict(INSTRUCTPIX2PIX_BACKBONES),
         ),
         Protocol("synthetic", ("L1", "L1_edit", "SSIM"), source="editbench synthetic data"),
         Protocol("generic", ("L1", "SSIM"), source="editbench default"),
@@ -110,17 +251,20 @@ def get_protocol(name: str) -> Protocol:
     try:
         return PROTOCOLS[name]
     except KeyError:
-        raise ValueError(f"unknown evaluation protocol {name!r}; known: {sorted(PROTOCOLS)}") from None
+        raise ValueError(
+            f"unknown evaluation protocol {name!r}; known: {sorted(PROTOCOLS)}"
+        ) from None
 
 
 def aggregation_indices(aggregation: str, batch: dict) -> torch.Tensor | None:
     """Indices of the batch's samples an aggregation scores (None = all of them).
 
-    ``single`` keeps turn 1, ``final`` the last turn of each session (``turn == num_turns``);
+    ``turn1`` keeps turn 1, ``final`` the last turn of each session (``turn == num_turns``);
     both need the batch's ``turn`` and ``num_turns`` (MagicBrush samples carry them).
     """
     if aggregation == "all":
         return None
+    _check_aggregation("?", aggregation, AGGREGATIONS)
     missing = [k for k in ("turn", "num_turns") if k not in batch]
     if missing:
         raise ValueError(
@@ -128,7 +272,7 @@ def aggregation_indices(aggregation: str, batch: dict) -> torch.Tensor | None:
             f"dataset does not provide (multi-turn data such as MagicBrush does)"
         )
     turn = torch.as_tensor(batch["turn"]).reshape(-1)
-    if aggregation == "single":
+    if aggregation == "turn1":
         keep = turn == 1
     else:
         keep = turn == torch.as_tensor(batch["num_turns"]).reshape(-1)

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import subprocess
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: no TOML reader in the standard library
+    tomllib = None
 
 #: Files that hold weights in a checkpoint folder (configs are hashed too: they define the net).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
@@ -62,10 +68,25 @@ def backbone_record(path: str | Path | None, *, default: str | None = None) -> d
     return {"path": str(path), "sha256": weights_sha256(path)}
 
 
+@functools.lru_cache(maxsize=1)
 def editbench_version() -> str:
-    from editbench import __version__
-
-    return __version__
+    """The installed suite's version (``importlib.metadata``, without importing ``editbench``:
+    ``metrics`` depends on nothing above it); for a checkout that is not installed, the
+    ``version`` of the ``pyproject.toml`` beside it; else ``"unknown"``."""
+    try:
+        return importlib.metadata.version("editbench")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if tomllib is None:
+        return "unknown"
+    try:
+        project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return "unknown"
+    if project.get("name") != "editbench":
+        return "unknown"
+    return str(project.get("version", "unknown"))
 
 
 @functools.lru_cache(maxsize=1)

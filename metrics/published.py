@@ -2,9 +2,10 @@
 Multimodal Large Language Models", ICLR 2024), as data for ``python -m editbench report
 --published``.
 
-Every value is copied as printed in the paper (``/work/shared/papers/mgie.txt``), at the
-paper's scale (:data:`PAPER_PROTOCOL` ``["scale"]``): L1, LPIPS and FID raw; DINO, CVS and SSIM
-as percentages; CTS as ``100 * cos``. Tables are nested ``{method: {dataset: {metric: value}}}``
+Every value is copied as printed in the paper (its table rows are committed as
+``tests/metrics/fixtures/mgie_tables.txt``, against which ``tests/metrics/test_published.py``
+checks these tables), at the paper's scale (:data:`PAPER_PROTOCOL` ``["scale"]``): L1, LPIPS
+and FID raw; DINO, CVS and SSIM as percentages; CTS as ``100 * cos``. Tables are nested ``{method: {dataset: {metric: value}}}``
 with the suite's dataset names (``evr``, ``gier``, ``ma5k``, ``magicbrush``) and metric names
 (``L1``, ``DINO``, ``CVS``, ``SSIM``, ``LPIPS``, ``CTS``, ``FID``).
 
@@ -46,8 +47,9 @@ PAPER_PROTOCOL: dict[str, Any] = {
     "splits": "the datasets' original training / validation / testing splits (Section 4.1)",
     "notes": (
         "MagicBrush metrics follow the MagicBrush paper (L1, DINO, CVS = CLIP-I, CTS = CLIP-T "
-        "against goal captions); backbones, resolution, caption source and turn aggregation are "
-        "not stated in the paper, so published rows cannot be protocol-checked against runs."
+        "against goal captions; the text calls CTS 'global caption alignment', i.e. the global "
+        "captions); backbones, resolution and the turn setting (single- or multi-turn) are not "
+        "stated in the paper, so published rows cannot be protocol-checked against runs."
     ),
 }
 

@@ -11,12 +11,22 @@ Format ``editbench.test_metrics/1``::
       "table": {"L1": ..., "DINO": ...},        # default aggregation, scaled as the paper
       "copy_table": {...},                      # the copy-the-input baseline, likewise
       "protocol": {
-        "name", "columns", "scale", "split", "num_samples", "resolution", "resize",
-        "caption_source", "turn_mode", "aggregation", "aggregations", "data",
+        "name", "source", "columns", "scale", "split", "num_samples",
+        "num_samples_per_aggregation", "resolution", "eval_resize", "resize", "scoring",
+        "caption_source", "protocol_caption_source", "turn_mode", "aggregation", "setting",
+        "aggregations", "settings", "data",
         "metrics": {<name>: <the metric's provenance()>},
         "seed", "editbench_version", "git_commit"      # provenance only
       }
     }
+
+``setting`` names the table's MagicBrush turn setting (``single-turn``: aggregation ``all`` of
+an independent run; ``multi-turn``: ``final`` of an iterative run) or is None where the table's
+aggregation is neither (e.g. ``turn1``); ``settings`` maps the run's aggregation that is a
+MagicBrush setting to its name (``{"all": "single-turn"}``). ``eval_resize`` is how the DataModule fed a non-square
+input to the model (``resize``, ``pad``, ``center_crop``); ``scoring`` how the edit was compared
+with the target (``native``: at the native ground truth's size, MagicBrush's rule, the
+``model_box``/``native_box`` of ``pad``/``center_crop`` applied; ``model``: at the model's).
 
 ``python -m editbench report`` puts runs in one column only when everything in ``protocol``
 but the provenance-only keys (:data:`PROVENANCE_ONLY`) and the other metrics' entries agree.
@@ -25,6 +35,7 @@ but the provenance-only keys (:data:`PROVENANCE_ONLY`) and the other metrics' en
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +48,16 @@ FORMAT = "editbench.test_metrics/1"
 PROVENANCE_ONLY = ("seed", "editbench_version", "git_commit")
 
 
-def eval_transform_description(resolution: int | None) -> str:
-    """The evaluation transform of :func:`datamodules.base.build_transform` in words."""
+def eval_transform_description(resolution: int | None, scoring: dict | None = None) -> str:
+    """How the edit met the target, in words: at the native ground truth's size (MagicBrush's
+    rule) when ``scoring`` says so, else the model-resolution comparison."""
+    if scoring is not None and scoring.get("resolution") == "native":
+        return scoring["description"]
     if resolution is None:
         return "images at their stored size"
     return (
-        f"source, target and mask: shorter side resized to {resolution} (bilinear, antialiased; "
-        f"masks nearest), center crop {resolution}x{resolution}; metrics compare the edit with "
-        f"the target at that size"
+        f"model input at {resolution}x{resolution}; metrics compare the edit with the target "
+        f"transformed to that size (no native images in the batches)"
     )
 
 
@@ -55,7 +68,7 @@ def data_description(datamodule: Any) -> dict[str, Any]:
         return {"class_path": None}
     cls = type(datamodule)
     record = {"class_path": f"{cls.__module__}.{cls.__qualname__}"}
-    for key in ("max_samples", "caption_source", "test_mode"):
+    for key in ("max_samples", "caption_source", "test_mode", "eval_resize"):
         if hasattr(datamodule, key):
             record[key] = getattr(datamodule, key)
     return record
@@ -74,6 +87,20 @@ def protocol_block(
     counts = evaluator.num_samples()
     resolution = getattr(datamodule, "resolution", None)
     table_names = list(evaluator.table(results))
+    scoring = evaluator.scoring()
+    eval_resize = getattr(datamodule, "eval_resize", None)
+    unaligned = scoring["resolution"] != "model" and not scoring["boxes"]
+    if eval_resize not in (None, "resize") and unaligned:
+        warnings.warn(
+            f"the data fed the model with eval_resize={eval_resize!r} but its batches carry "
+            "no model_box/native_box, so whole predictions were resized onto whole native "
+            "targets; the numbers are recorded as scoring 'native-unaligned'",
+            UserWarning,
+            stacklevel=2,
+        )
+        scoring = scoring | {"resolution": "native-unaligned"}
+    test_mode = getattr(datamodule, "test_mode", None)
+    setting = protocol.setting(protocol.default_aggregation, test_mode)
     return {
         "name": protocol.name,
         "source": protocol.source,
@@ -83,11 +110,16 @@ def protocol_block(
         "num_samples": counts[protocol.default_aggregation],
         "num_samples_per_aggregation": counts,
         "resolution": resolution,
-        "resize": eval_transform_description(resolution),
+        "eval_resize": eval_resize,
+        "resize": eval_transform_description(resolution, scoring),
+        "scoring": scoring["resolution"],
         "caption_source": getattr(datamodule, "caption_source", None),
-        "turn_mode": getattr(datamodule, "test_mode", None),
+        "protocol_caption_source": protocol.caption_source,
+        "turn_mode": test_mode,
         "aggregation": protocol.default_aggregation,
+        "setting": setting.name if setting is not None else None,
         "aggregations": list(protocol.aggregations),
+        "settings": protocol.settings_for(test_mode),
         "data": data_description(datamodule),
         "metrics": evaluator.metric_provenance(),
         "seed": seed,

@@ -15,17 +15,21 @@ as ``failures`` the images whose SC or PQ answer could not be obtained or parsed
 retries. Failed images are left out of the means (never scored 0), so a flaky endpoint cannot
 read as a bad model; the count belongs in any report next to the means.
 
-The prompt text is this module's own wording of VIEScore's zero-shot editing prompts (a
-role/format context, the two-image editing rule with its two scores, the one-image quality rule
-with its two scores); :data:`PROMPT_SHA256` identifies it in results.
+Prompts (:mod:`metrics.viescore_prompts`): by default the suite's own wording of VIEScore's
+zero-shot editing prompts (prompt set ``editbench-builtin``, :data:`PROMPT_SHA256`), NOT
+comparable with published VIEScore numbers; with ``prompts_path`` the VIEScore release's own
+prompt files, read at run time (prompt set ``viescore-release-0shot``, recorded by hash). Every
+provenance record and cached answer names its prompt set. ``preset="viescore-release"`` adds
+the release's judge settings (``gpt-4o-2024-05-13``, ``max_tokens`` 1400, JPEG at native size).
 
 Backends:
 
 - ``"openai"``: any OpenAI-compatible ``POST {base_url}/chat/completions`` endpoint (OpenAI,
   vLLM, llama.cpp server, ...), stdlib ``urllib`` only. The message holds the prompt text first
-  and then the images as ``image_url`` parts with ``data:image/png;base64,...`` URLs (the order
-  VIEScore's GPT-4 client uses; it sends JPEG, PNG here is lossless so the judged pixels are
-  the hashed ones), ``temperature`` and ``max_tokens``. The API key is read from the environment variable named by
+  and then the images as ``image_url`` parts with ``data:image/<format>;base64,...`` URLs (the
+  order VIEScore's GPT-4 client uses; PNG by default, lossless so the judged pixels are the
+  hashed ones; ``image_format="jpeg"`` as the release), ``temperature`` (unless None) and
+  ``max_tokens``. The API key is read from the environment variable named by
   ``api_key_env`` at each ``update``; it is never stored on the metric, in the cache or in
   warnings.
 - ``"local"``: a transformers ``LlavaForConditionalGeneration`` + ``AutoProcessor`` folder,
@@ -37,11 +41,12 @@ Backends:
   not seen by the judge.
 
 Images (``[B, 3, H, W]`` in ``[-1, 1]``) are quantised to 8-bit RGB, shrunk (Lanczos, aspect
-ratio kept) so that their longer side is at most ``image_size``, and sent as PNG.
+ratio kept) so that their longer side is at most ``image_size`` (None: native size), and sent
+as PNG or JPEG (``image_format``).
 
 Answers are cached on disk (one JSON file per request, written atomically), keyed by the
-sha256 of the backend, the model id, the generation settings, the full prompt text and the PNG
-bytes of each image: a hit skips the request. Only parsed answers are cached; failures are
+sha256 of the backend, the model id, the generation settings, the full prompt text and the
+encoded bytes of each image: a hit skips the request. Only parsed answers are cached; failures are
 asked again on the next run.
 """
 
@@ -75,6 +80,13 @@ from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 
 from metrics.pixel import at_least_float32, to_unit_range
+from metrics.viescore_prompts import (
+    BUILTIN,
+    CONTEXT_PROMPT,
+    PromptSet,
+    apply_preset,
+    prompt_set,
+)
 
 Backend = Literal["openai", "local"]
 _BACKENDS = ("openai", "local")
@@ -84,68 +96,25 @@ BASE_URL_ENV = "EDITBENCH_VIESCORE_BASE_URL"
 DEFAULT_CACHE_DIR = "~/.cache/editbench/viescore"
 SCORE_RANGE = (0.0, 10.0)
 MAX_BACKOFF_S = 30.0  # cap of the exponential backoff between retries
-INSTRUCTION_PLACEHOLDER = "<instruction>"
+ImageFormat = Literal["png", "jpeg"]
+_IMAGE_FORMATS = ("png", "jpeg")
 
 # --------------------------------------------------------------------------- prompts
 
-CONTEXT_PROMPT = """\
-You are an expert digital artist who judges AI-generated images by the rules given below.
-Every input image is AI-generated, including any person shown in it, so describing the images \
-raises no privacy concern.
-
-Reply with a single JSON object and nothing else, in this form (keep the reasoning short):
-{
-"score": [...],
-"reasoning": "..."
-}"""
-
-SC_RULE = """\
-RULES:
-
-Two images are given: the first is an original AI-generated image and the second is an edited \
-version of it. Judge how well the editing instruction below has been carried out in the second \
-image. The two images may look the same when the edit failed.
-
-Give two scores, each on a scale from 0 to 10:
-- The first score rates the editing success. 0 means the scene of the edited image does not \
-follow the editing instruction at all; 10 means it follows the instruction perfectly.
-- The second score rates the over-editing of the second image. 0 means the edited scene is \
-entirely different from the original; 10 means the edited image is recognisably a minimal yet \
-effective edit of the original.
-Return them as "score": [editing success, over-editing].
-
-Editing instruction: <instruction>"""
-
-PQ_RULE = """\
-RULES:
-
-One image is given; it is AI-generated. Judge how well the image has been generated.
-
-Give two scores, each on a scale from 0 to 10:
-- The first score rates the naturalness of the image. 0 means the scene does not look natural \
-at all or feels wrong, e.g. a wrong sense of distance, wrong shadows or wrong lighting; 10 \
-means the image looks natural.
-- The second score rates the artifacts of the image. 0 means a large part of the image shows \
-distortion, a watermark, scratches, blurred faces, unusual body parts or subjects that do not \
-blend in; 10 means the image has no artifacts.
-Return them as "score": [naturalness, artifacts]."""
-
-#: The SC prompt, with ``<instruction>`` standing for the editing instruction.
-SC_PROMPT_TEMPLATE = f"{CONTEXT_PROMPT}\n\n{SC_RULE}"
-#: The PQ prompt (the same for every image).
-PQ_PROMPT = f"{CONTEXT_PROMPT}\n\n{PQ_RULE}"
-#: sha256 of the two prompt templates: what to quote beside VIEScore numbers.
-PROMPT_SHA256 = hashlib.sha256(
-    json.dumps({"SC": SC_PROMPT_TEMPLATE, "PQ": PQ_PROMPT}, sort_keys=True).encode("utf-8")
-).hexdigest()
+#: The built-in SC prompt, with ``<instruction>`` standing for the editing instruction.
+SC_PROMPT_TEMPLATE = BUILTIN.sc_template
+#: The built-in PQ prompt (the same for every image).
+PQ_PROMPT = BUILTIN.pq_prompt
+#: sha256 of the built-in prompt templates: what to quote beside VIEScore numbers.
+PROMPT_SHA256 = BUILTIN.sha256
 #: Number of scores each prompt asks for ([editing success, over-editing], [naturalness,
 #: artifacts]).
 NUM_SCORES = {"SC": 2, "PQ": 2}
 
 
 def sc_prompt(instruction: str) -> str:
-    """The SC prompt for one editing instruction."""
-    return SC_PROMPT_TEMPLATE.replace(INSTRUCTION_PLACEHOLDER, instruction.strip())
+    """The built-in SC prompt for one editing instruction."""
+    return BUILTIN.sc(instruction)
 
 
 # --------------------------------------------------------------------------- answers
@@ -224,8 +193,14 @@ def _shrink(image: Image.Image, image_size: int | None) -> Image.Image:
 
 def png_bytes(image: Image.Image) -> bytes:
     """Lossless PNG encoding of a PIL image (what is sent and what the cache key hashes)."""
+    return encode_image(image, "png")
+
+
+def encode_image(image: Image.Image, image_format: str = "png") -> bytes:
+    """``image`` as PNG (lossless) or JPEG (Pillow's default quality, as the VIEScore release's
+    ``encode_pil_image`` sends it): the bytes sent and hashed by the cache key."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format=image_format.upper())
     return buffer.getvalue()
 
 
@@ -322,19 +297,25 @@ def read_api_key(api_key_env: str, base_url: str) -> str | None:
 
 
 def chat_request_body(
-    model: str, prompt: str, pngs: Sequence[bytes], temperature: float, max_tokens: int
+    model: str,
+    prompt: str,
+    pngs: Sequence[bytes],
+    temperature: float | None,
+    max_tokens: int,
+    image_format: str = "png",
 ) -> dict[str, Any]:
-    """An OpenAI chat-completions request: one user message, the text and then the images."""
+    """An OpenAI chat-completions request: one user message, the text and then the images
+    (``image/<format>`` data URLs); no ``temperature`` field when it is None (the API's
+    default, as the VIEScore release sends)."""
     content: list[dict[str, Any]] = [{"type": "text", "text": prompt}]
-    for png in pngs:
-        url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    for data in pngs:
+        url = f"data:image/{image_format};base64," + base64.b64encode(data).decode("ascii")
         content.append({"type": "image_url", "image_url": {"url": url}})
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": content}],
-        "temperature": temperature,
-        "max_tokens": max_tokens,
-    }
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": content}]}
+    if temperature is not None:
+        body["temperature"] = temperature
+    body["max_tokens"] = max_tokens
+    return body
 
 
 def _message_content(response: Any) -> str:
@@ -513,6 +494,17 @@ def ask_with_retries(
 # --------------------------------------------------------------------------- metric
 
 
+#: Constructor defaults of the settings a preset may set (see ``apply_preset``).
+_DEFAULTS = {
+    "backend": "openai",
+    "model": "gpt-4o",
+    "max_new_tokens": 512,
+    "temperature": 0.0,
+    "image_size": 512,
+    "image_format": "png",
+}
+
+
 class VIEScore(Metric):
     """VIEScore (Ku et al., ACL 2024) of instruction-based edits, judged by an MLLM.
 
@@ -552,10 +544,19 @@ class VIEScore(Metric):
         retry_delay: first backoff delay in seconds, doubled at each retry (capped at 30 s).
         image_size: longer side (pixels) the images are shrunk to if larger; None keeps them.
         temperature: sampling temperature; the default 0 asks for deterministic (greedy)
-            answers, which is what makes cached answers reusable.
+            answers, which is what makes cached answers reusable. None sends no temperature
+            (the API's default; the local backend decodes greedily).
         max_new_tokens: answer length limit (``max_tokens`` of the request / of generation).
         num_threads: concurrent HTTP requests (results keep the input order).
         judge_dtype: local backend: the judge's torch dtype (``"float32"``, ``"bfloat16"``, ...).
+        prompts_path: a folder with the VIEScore release's prompt files (its
+            ``viescore/prompts_raw``), read now and recorded by hash; None uses the built-in
+            ``editbench-builtin`` prompts, whose scores are not comparable with published
+            VIEScore numbers (:mod:`metrics.viescore_prompts`).
+        preset: ``"viescore-release"``: the release's judge settings (``gpt-4o-2024-05-13``,
+            ``max_tokens`` 1400, no temperature, JPEG at native size); arguments left at their
+            defaults take the preset's values, a contradicting one is an error.
+        image_format: ``"png"`` (lossless, default) or ``"jpeg"`` (the release's encoding).
     """
 
     is_differentiable = False
@@ -583,13 +584,31 @@ class VIEScore(Metric):
         max_retries: int = 3,
         retry_delay: float = 1.0,
         image_size: int | None = 512,
-        temperature: float = 0.0,
+        temperature: float | None = 0.0,
         max_new_tokens: int = 512,
         num_threads: int = 4,
         judge_dtype: str = "float32",
+        prompts_path: str | None = None,
+        preset: str | None = None,
+        image_format: ImageFormat = "png",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        settings = apply_preset(
+            preset,
+            {
+                "backend": backend,
+                "model": model,
+                "max_new_tokens": max_new_tokens,
+                "temperature": temperature,
+                "image_size": image_size,
+                "image_format": image_format,
+            },
+            _DEFAULTS,
+        )
+        backend, model = settings["backend"], settings["model"]
+        max_new_tokens, temperature = settings["max_new_tokens"], settings["temperature"]
+        image_size, image_format = settings["image_size"], settings["image_format"]
         base_url = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
         _check_args(
             backend=backend,
@@ -603,7 +622,11 @@ class VIEScore(Metric):
             max_new_tokens=max_new_tokens,
             num_threads=num_threads,
             dtype=judge_dtype,
+            image_format=image_format,
         )
+        self.prompts: PromptSet = prompt_set(prompts_path)
+        self.preset = preset
+        self.image_format = image_format
         self.backend = backend
         self.model = model
         self.base_url = base_url
@@ -615,7 +638,7 @@ class VIEScore(Metric):
         self.max_retries = int(max_retries)
         self.retry_delay = float(retry_delay)
         self.image_size = image_size
-        self.temperature = float(temperature)
+        self.temperature = None if temperature is None else float(temperature)
         self.max_new_tokens = int(max_new_tokens)
         self.num_threads = int(num_threads)
         self.judge_dtype = judge_dtype
@@ -649,11 +672,12 @@ class VIEScore(Metric):
             "backend": self.backend,
             "model": self.model_id,
             "base_url": public_url(self.base_url) if self.backend == "openai" else None,
-            "prompt_sha256": PROMPT_SHA256,
+            **self.prompts.describe(),
+            "preset": self.preset,
             "temperature": self.temperature,
             "max_new_tokens": self.max_new_tokens,
             "image_size": self.image_size,
-            "image_format": "png",
+            "image_format": self.image_format,
             "max_retries": self.max_retries,
         }
 
@@ -675,13 +699,15 @@ class VIEScore(Metric):
         for i, (src, edit, instruction) in enumerate(
             zip(sources, edits, instructions, strict=True)
         ):
-            src_png, edit_png = png_bytes(src), png_bytes(edit)
+            src_png = encode_image(src, self.image_format)
+            edit_png = encode_image(edit, self.image_format)
             sample = self._seen + i
-            sc = sc_prompt(instruction)
+            sc = self.prompts.sc(instruction)
             requests.append(
                 _Request(sample, "SC", sc, (src, edit), (src_png, edit_png), instruction)
             )
-            requests.append(_Request(sample, "PQ", PQ_PROMPT, (edit,), (edit_png,), instruction))
+            pq = self.prompts.pq_prompt
+            requests.append(_Request(sample, "PQ", pq, (edit,), (edit_png,), instruction))
         return requests
 
     def _key(self, request: _Request) -> str:
@@ -718,7 +744,12 @@ class VIEScore(Metric):
 
         def one(request: _Request) -> _Outcome:
             body = chat_request_body(
-                self.model, request.prompt, request.pngs, self.temperature, self.max_new_tokens
+                self.model,
+                request.prompt,
+                request.pngs,
+                self.temperature,
+                self.max_new_tokens,
+                self.image_format,
             )
             outcome = ask_with_retries(
                 lambda: post_chat(self.base_url, body, api_key, self.timeout),
@@ -736,7 +767,8 @@ class VIEScore(Metric):
 
     def _ask_local(self, requests: list[_Request]) -> list[_Outcome]:
         model, processor = load_judge(self.model_path, self.device, self.judge_dtype)
-        attempts = 1 if self.temperature == 0 else 1 + self.max_retries
+        temperature = self.temperature or 0.0  # None: greedy
+        attempts = 1 if temperature == 0 else 1 + self.max_retries
         outcomes = []
         for request in requests:
             ask = functools.partial(
@@ -746,7 +778,7 @@ class VIEScore(Metric):
                 request.prompt,
                 request.images,
                 self.max_new_tokens,
-                self.temperature,
+                temperature,
             )
             kind = NUM_SCORES[request.kind]
             outcomes.append(ask_with_retries(ask, kind, attempts, self.retry_delay))
@@ -757,7 +789,8 @@ class VIEScore(Metric):
             "backend": self.backend,
             "model": self.model_id,
             "kind": request.kind,
-            "prompt_sha256": PROMPT_SHA256,
+            "prompt_set": self.prompts.name,
+            "prompt_sha256": self.prompts.sha256,
             "generation": self.generation_settings(),
             "scores": outcome.scores,
             "answer": outcome.answer,
@@ -835,10 +868,11 @@ def _check_args(
     max_retries: int,
     retry_delay: float,
     image_size: int | None,
-    temperature: float,
+    temperature: float | None,
     max_new_tokens: int,
     num_threads: int,
     dtype: str,
+    image_format: str = "png",
 ) -> None:
     if backend not in _BACKENDS:
         raise ValueError(f"VIEScore: `backend` must be one of {_BACKENDS}, got {backend!r}.")
@@ -858,8 +892,12 @@ def _check_args(
         raise ValueError(
             f"VIEScore: `image_size` must be a positive int or None, got {image_size!r}."
         )
-    if temperature < 0:
-        raise ValueError(f"VIEScore: `temperature` must be >= 0, got {temperature!r}.")
+    if temperature is not None and temperature < 0:
+        raise ValueError(f"VIEScore: `temperature` must be >= 0 or None, got {temperature!r}.")
+    if image_format not in _IMAGE_FORMATS:
+        raise ValueError(
+            f"VIEScore: `image_format` must be one of {_IMAGE_FORMATS}, got {image_format!r}."
+        )
     if max_new_tokens < 1:
         raise ValueError(f"VIEScore: `max_new_tokens` must be >= 1, got {max_new_tokens!r}.")
     if num_threads < 1:
@@ -898,6 +936,7 @@ __all__ = [
     "ask_with_retries",
     "cache_key",
     "chat_request_body",
+    "encode_image",
     "generate_answer",
     "load_judge",
     "local_inputs",

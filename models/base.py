@@ -8,7 +8,10 @@ writes ``test_metrics.json`` and keeps only trainable weights in checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,17 +19,27 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MetricCollection
 
 from metrics import edit_metrics, update_edit_metrics
 from metrics.evaluation import EditEvaluator
 from metrics.protocols import Protocol, get_protocol
 from metrics.results import results_document, write_results
+from models.checkpoint import (
+    EMA_KEY,
+    CheckpointMismatchError,
+    EditCheckpoint,
+    ema_weights,
+    read_checkpoint,
+)
+from models.diffusion import training_seeds
+from models.ema import TrainableEMA
 
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint that does not hold this model's trainable weights."""
+# Test results are torchmetrics values, already synced across processes by compute(); Lightning
+# would recommend sync_dist for every one of them.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('test/")
 
 
 @dataclass
@@ -66,11 +79,14 @@ class EditModel(L.LightningModule):
         metric_kwargs: constructor arguments per metric name.
         backbones: backbone folders/files by kind (``clip``, ``dino``, ``lpips``,
             ``inception``), shared by the metrics that use them and never saved in
-            checkpoints; default ``$EDITBENCH_BACKBONES/{clip-vit-base-patch32,dino-vits16}``
-            and the torch hub cache.
+            checkpoints; default: the protocol's folders under ``$EDITBENCH_BACKBONES``
+            (``clip-vit-base-patch32`` and ``dino-vits16``, MagicBrush's; ``ipr2pr``:
+            ``clip-vit-large-patch14``, InstructPix2Pix's) and the torch hub cache.
         protocol: evaluation protocol name overriding the DataModule's (``None``: the data's).
         aggregation: the MagicBrush turn aggregation of ``test/<metric>`` and the table
-            (``single``, ``final`` or ``all``); ``None``: the protocol's default.
+            (``all``, ``final`` or ``turn1``); ``None``: the setting of the data's test mode
+            (independent: MagicBrush's single-turn = ``all``; iterative: multi-turn =
+            ``final``).
         copy_baseline: also score the copy-the-input baseline (``test/copy/*``).
         val_metrics: metrics of the edits sampled in validation (``None``: ``L1``, ``SSIM`` and,
             with edit masks, ``L1_edit``).
@@ -80,6 +96,13 @@ class EditModel(L.LightningModule):
             (fine-tuning, e.g. MGIE Table 2: IPr2Pr pre-training, then each dataset). Unlike
             ``--ckpt_path`` it restores no optimizer state, step or epoch; a resumed run
             (``--ckpt_path``) ignores it.
+        ema_decay: keep an exponential moving average of the trainable weights with this
+            maximal decay (diffusers' ``EMAModel`` schedule, :mod:`models.ema`), updated after
+            every optimizer step and saved in checkpoints; ``None`` (default) keeps none.
+            InstructPix2Pix trained with one at 0.9999 (``models.ema.PAPER_DECAY``).
+        prefer_ema_weights: when a checkpoint holds EMA weights, ``test``, ``predict``,
+            ``validate``, ``edit`` and ``init_from`` use them (False: the raw trained weights);
+            ``uses_ema_weights`` tells which were loaded.
     """
 
     #: Prefixes of submodules whose weights are frozen, re-read from their paths on load and
@@ -109,10 +132,14 @@ class EditModel(L.LightningModule):
         val_metrics: list[str] | None = None,
         check_finite: bool = True,
         init_from: str | None = None,
+        ema_decay: float | None = None,
+        prefer_ema_weights: bool = True,
     ) -> None:
         super().__init__()
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or null, got {ema_decay}")
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.adam_betas = tuple(adam_betas)
@@ -133,6 +160,13 @@ class EditModel(L.LightningModule):
         self.val_metric_names = list(val_metrics) if val_metrics is not None else None
         self.check_finite = check_finite
         self.init_from = init_from
+        self.ema_decay = ema_decay
+        self.prefer_ema_weights = prefer_ema_weights
+        #: Whether the weights loaded from a checkpoint for evaluation are its EMA weights.
+        self.uses_ema_weights = False
+        self._ema: TrainableEMA | None = None
+        self._ema_resume_state: dict | None = None
+        self._training_seed: int | None = None
         self.val_metrics: MetricCollection | None = None
         # Plain attributes, not submodules: metric backbones never enter the state dict.
         self._evaluators: dict[str, EditEvaluator] = {}
@@ -163,7 +197,9 @@ class EditModel(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if not batch["id"]:  # every sample of the batch was skipped (on_bad_sample: skip)
             return None
-        losses = self.training_losses(batch)
+        generator, global_seed = self.training_generator(batch_idx)
+        with self._seeded_global_rng(global_seed):
+            losses = self.training_losses(batch, generator=generator)
         self._check_finite(losses, batch)
         bs = len(batch["id"])
         for name, value in losses.items():
@@ -179,6 +215,45 @@ class EditModel(L.LightningModule):
                 batch_size=bs,
             )
         return losses["loss"]
+
+    @property
+    def training_seed(self) -> int:
+        """The run's seed: the one ``seed_everything`` set (LightningCLI's ``seed_everything``,
+        exported as ``PL_GLOBAL_SEED``), else 0 (as the DataModules' training sampler)."""
+        if self._training_seed is None:
+            self._training_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return self._training_seed
+
+    def training_generator(self, batch_idx: int) -> tuple[torch.Generator, int]:
+        """The random source of one training micro-batch: a generator on the model's device and
+        a seed for torch's global generator, both derived from (run seed, global rank, global
+        step, micro-batch within the step) by :func:`models.diffusion.training_seeds`. Ranks
+        draw differently; a resumed run draws what the uninterrupted one would."""
+        trainer = self._trainer
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) if trainer else 1
+        seeds = training_seeds(
+            self.training_seed, self.global_rank, self.global_step, batch_idx % accumulate
+        )
+        return torch.Generator(device=self.device).manual_seed(seeds[0]), seeds[1]
+
+    @contextlib.contextmanager
+    def _seeded_global_rng(self, seed: int):
+        """Torch's global generators (CPU and this process's GPU) seeded with ``seed`` for the
+        step and restored afterwards: module dropout and other global draws are per rank and
+        step too, and the data pipeline's draws are left untouched."""
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.random.default_generator.manual_seed(seed)
+            for index in cuda:
+                torch.cuda.default_generators[index].manual_seed(seed)
+            yield
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Lightning's step, then the EMA update (before any callback sees the step, so a
+        checkpoint written at this step holds the average of this step's weights)."""
+        super().optimizer_step(*args, **kwargs)
+        if self._ema is not None:
+            self._ema.step()
 
     def _check_finite(self, losses: dict, batch: dict) -> None:
         if not self.check_finite:
@@ -259,7 +334,7 @@ class EditModel(L.LightningModule):
         """The protocol of the test data: ``protocol`` if set, else the DataModule's."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
         name = self.protocol_name or getattr(datamodule, "protocol", None) or "generic"
-        protocol = get_protocol(name)
+        protocol = get_protocol(name).for_data(datamodule)
         return protocol.with_aggregation(self.aggregation) if self.aggregation else protocol
 
     def build_evaluator(self) -> EditEvaluator:
@@ -290,17 +365,20 @@ class EditModel(L.LightningModule):
         evaluator = self._evaluators.pop("test", None)
         if evaluator is None:
             return
+        # Every process takes part in every collective here (the metrics' sync, the sample
+        # counts, the log dir's broadcast), in the same order; only rank 0 prints and writes.
         results = evaluator.compute() | self.extra_test_results()
         self.log_dict({k: v for k, v in results.items() if math.isfinite(v)}, sync_dist=False)
+        run = self._run_record()
+        document = results_document(
+            evaluator,
+            results,
+            model=self,
+            datamodule=getattr(self.trainer, "datamodule", None),
+            run=run,
+        )
         if self.trainer.is_global_zero:
-            document = results_document(
-                evaluator,
-                results,
-                model=self,
-                datamodule=getattr(self.trainer, "datamodule", None),
-                run=self._run_record(),
-            )
-            self._report(document)
+            self._report(document, run["log_dir"])
 
     def extra_test_results(self) -> dict[str, float]:
         """Model-specific test results (``test/<name>``) added to the metrics, e.g. MGIE's
@@ -325,9 +403,10 @@ class EditModel(L.LightningModule):
             },
             "precision": str(trainer.precision),
             "world_size": trainer.world_size,
+            "ema_weights": self.uses_ema_weights,
         }
 
-    def _report(self, document: dict) -> None:
+    def _report(self, document: dict, log_dir: str | None) -> None:
         results = document["metrics"]
         names = sorted({k[len("test/"):] for k in results if not k.startswith("test/copy/")})
         width = max(len(n) for n in names) + 2
@@ -343,7 +422,6 @@ class EditModel(L.LightningModule):
             f"{protocol['num_samples']} samples"
         )
         print("\n".join(lines), flush=True)
-        log_dir = self.trainer.log_dir
         if log_dir is not None:
             path = write_results(Path(log_dir) / "test_metrics.json", document)
             rank_zero_info(f"wrote {path}")
@@ -362,28 +440,85 @@ class EditModel(L.LightningModule):
         if self.init_from is not None and self.trainer.ckpt_path is None:
             self.load_initial_weights(self.init_from)
 
+    def on_train_start(self) -> None:
+        """Start the EMA (``ema_decay``) once the weights are final: initialised, or restored on
+        resume (which some strategies do after ``on_fit_start``), when it continues from the
+        checkpoint's state."""
+        self._training_seed = None  # read this run's seed
+        resume, self._ema_resume_state = self._ema_resume_state, None
+        self._ema = None
+        if self.ema_decay is None:
+            if resume is not None:
+                rank_zero_warn("the checkpoint holds an EMA, but ema_decay is null: none is kept")
+            return
+        named = [
+            (name, param)
+            for name, param in self.named_parameters()
+            if param.requires_grad and not self._is_frozen_key(name)
+        ]
+        self._ema = TrainableEMA(named, self.ema_decay)
+        if resume is not None:
+            self._ema.load_state_dict(resume, source=self.trainer.ckpt_path or "checkpoint")
+            rank_zero_info(
+                f"EMA resumed at update {self._ema.optimization_step} (decay {self.ema_decay})"
+            )
+        else:
+            rank_zero_info(
+                f"EMA of {len(named)} trainable tensors ({self._ema.num_values:,} values), "
+                f"decay {self.ema_decay}"
+            )
+
     def load_initial_weights(self, path: str | Path) -> None:
         """Load the trainable weights of checkpoint ``path`` (strictly: every trainable weight
-        must be there, nothing unknown may be)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"init_from checkpoint {path} not found")
-        checkpoint = {"state_dict": torch.load(path, map_location="cpu", weights_only=True)["state_dict"]}
-        self.on_load_checkpoint(checkpoint)
-        self.load_state_dict(checkpoint["state_dict"], strict=True)
-        rank_zero_info(f"initialised {type(self).__name__} from {path}")
+        must be there, nothing unknown may be); its EMA weights when it has them and
+        ``prefer_ema_weights``."""
+        checkpoint = read_checkpoint(path, what="init_from checkpoint")
+        use_ema = self.prefer_ema_weights and checkpoint.has_ema
+        state = {"state_dict": checkpoint.weights(ema=use_ema)}
+        self.on_load_checkpoint(state)
+        self.load_state_dict(state["state_dict"], strict=True)
+        kind = " (its EMA weights)" if use_ema else ""
+        rank_zero_info(f"initialised {type(self).__name__} from {path}{kind}")
+
+    def load_weights_from(self, checkpoint: EditCheckpoint) -> None:
+        """Load a checkpoint read by :func:`models.checkpoint.read_checkpoint` for use outside
+        the Trainer (``edit``, ``sweep``): its EMA weights when it has them and
+        ``prefer_ema_weights`` (``uses_ema_weights`` says which)."""
+        state = {"state_dict": dict(checkpoint.state_dict)}
+        if checkpoint.ema is not None:
+            state[EMA_KEY] = checkpoint.ema
+        self.on_load_checkpoint(state)
+        self.load_state_dict(state["state_dict"], strict=True)
 
     def _is_frozen_key(self, key: str) -> bool:
         return any(key == m or key.startswith(m + ".") for m in self.frozen_modules)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep trainable weights only: frozen pretrained weights are re-read from their paths."""
+        """Keep trainable weights only: frozen pretrained weights are re-read from their paths.
+        The EMA, if kept, is saved beside them (:data:`models.checkpoint.EMA_KEY`)."""
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if not self._is_frozen_key(k)}
+        if self._ema is not None:
+            checkpoint[EMA_KEY] = self._ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Complete a trainable-only checkpoint with the frozen weights already loaded from their
-        paths, so loading stays strict: a missing trainable or an unknown weight is an error."""
+        paths, so loading stays strict: a missing trainable or an unknown weight is an error.
+
+        A checkpoint's EMA: resuming ``fit`` loads the raw weights and hands the EMA state to
+        :meth:`on_train_start`; every other load (``test``, ``predict``, ``validate``,
+        ``edit``) loads the EMA weights instead of the raw ones when ``prefer_ema_weights``.
+        """
+        ema = checkpoint.get(EMA_KEY)
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            self._ema_resume_state = ema
+            self.uses_ema_weights = False
+        else:
+            self.uses_ema_weights = ema is not None and self.prefer_ema_weights
+            if self.uses_ema_weights:
+                source = getattr(trainer, "ckpt_path", None) or "checkpoint"
+                checkpoint["state_dict"] = ema_weights(checkpoint["state_dict"], ema, source)
         current = self.state_dict()
         expected = {k for k in current if not self._is_frozen_key(k)}
         missing = sorted(expected - set(checkpoint["state_dict"]))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -203,8 +204,10 @@ class EditDiffusion(nn.Module):
         """The denoising loss of InstructPix2Pix (Eq. 2 of Brooks et al.), ε- or v-prediction.
 
         ``text`` is the per-sample condition [B, L, D] and ``null_text`` the dropped condition
-        [1, L, D]; images are in [-1, 1]. ``generator`` fixes noise, timesteps and dropout (for a
-        comparable validation loss).
+        [1, L, D]; images are in [-1, 1]. Every random number of the step (the VAE posterior
+        sample, the noise, the timesteps and the conditioning dropout) comes from
+        ``generator``: training passes one per process and step (:func:`training_seeds`),
+        validation a fixed one (a comparable loss).
         """
         with torch.no_grad():
             latents, image_latents = self.encode_pair(target, source, generator)
@@ -296,6 +299,21 @@ class EditDiffusion(nn.Module):
                 )
             latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
         return self.decode(latents.to(self.vae.dtype))
+
+
+def training_seeds(seed: int, rank: int, step: int, micro_batch: int = 0) -> tuple[int, int]:
+    """Two 64-bit seeds for one training micro-batch of one process, mixed by numpy's
+    ``SeedSequence`` from (run seed, global rank, global step, micro-batch within the step).
+
+    Stateless: the draws of a step depend on nothing but these numbers, so every rank draws
+    its own noise, timesteps and dropout, a run is reproducible for a given seed and world size,
+    and a resumed run draws exactly what the uninterrupted one would, with no RNG state saved.
+    The first seed is for the step's explicit generator, the second for torch's global
+    generator (module dropout and any other global draw of the step).
+    """
+    entropy = [int(v) % 2**64 for v in (seed, rank, step, micro_batch)]
+    first, second = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint64)
+    return int(first), int(second)
 
 
 def _draw_device(generator: torch.Generator | None, like: torch.Tensor) -> torch.device:

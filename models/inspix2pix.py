@@ -19,8 +19,11 @@ class InsPix2Pix(EditModel):
         diffusion_path: a diffusers InstructPix2Pix folder (the layout of
             ``timbrooks/instruct-pix2pix``) or a Stable Diffusion v1.5 folder, whose 4-channel
             UNet is then widened to 8 input channels (zero-initialised extra channels).
-        scheduler: diffusers scheduler class for sampling (e.g. ``DDIMScheduler``); ``None``
-            takes the folder's own (Euler ancestral for InstructPix2Pix).
+        scheduler: diffusers scheduler class for sampling, built from the folder's scheduler
+            config (its betas carry over). ``EulerAncestralDiscreteScheduler`` by default, as
+            InstructPix2Pix samples (its ``edit_cli.py``; the ``timbrooks/instruct-pix2pix``
+            folder's scheduler), also from a Stable Diffusion v1.5 folder, whose own is PNDM;
+            ``None`` takes the folder's own; e.g. ``DDIMScheduler`` for a deterministic one.
         prediction_type: ``epsilon`` or ``v_prediction``; ``None`` takes the folder's.
         conditioning_dropout_prob: p of the conditioning dropout (p text, p image, p both).
         train_text_encoder: also train the CLIP text encoder (frozen in the paper).
@@ -32,7 +35,7 @@ class InsPix2Pix(EditModel):
     def __init__(
         self,
         diffusion_path: str,
-        scheduler: str | None = None,
+        scheduler: str | None = "EulerAncestralDiscreteScheduler",
         prediction_type: str | None = None,
         conditioning_dropout_prob: float = 0.05,
         train_text_encoder: bool = False,

@@ -33,25 +33,21 @@ instructions too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from models.checkpoint import read_checkpoint
 from models.components.edit_head import EditHead
 from models.components.mllm import MLLM, PROMPT_TEMPLATE
 from models.inspix2pix import InsPix2Pix
 
 Guidance = Literal["edit_head", "text", "encoder"]
 GUIDANCES = ("edit_head", "text", "encoder")
-
-
-def _submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries of ``state`` under ``prefix``, with the prefix removed."""
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 class MGIE(InsPix2Pix):
@@ -64,12 +60,17 @@ class MGIE(InsPix2Pix):
         guidance: ``edit_head`` (E2E), ``text`` (FT/FZ: the expressive instruction as CLIP
             text) or ``encoder`` (Table 5: the LLM's hidden states of the instruction, projected).
         num_img_tokens: N visual tokens (8).
-        max_new_tokens: greedy decoding budget of the expressive instruction at inference.
-        no_repeat_ngram_size: n-gram blocking in decoding (3 in the released demo, 0 off).
+        max_new_tokens: greedy decoding budget of the expressive instruction at inference
+            (96, the released ``demo.ipynb``).
+        no_repeat_ngram_size: n-gram blocking in decoding (3, the released ``demo.ipynb``;
+            0 off).
         instruction_loss_weight: w_ins (0 is the paper's "- L_ins" ablation).
         edit_loss_weight: w_edit (0.5).
         mllm_learning_rate: the learning rate of the MLLM side (word embeddings, LM head,
             edit head); ``learning_rate`` is the diffusion model's.
+        weight_decay: AdamW weight decay of both groups: 0, as the release trains (README's
+            training command, ``--weight_decay 0.``); a decay would shrink every row of the
+            32k-row ``embed_tokens``/``lm_head``, not only the rows the data uses.
         train_mllm: train the word embeddings, LM head and edit head (E2E); False for FT/FZ.
         train_unet: train the UNet (False for FZ).
         train_llm: also train the LLM's transformer layers and final norm (not the vision tower
@@ -104,11 +105,12 @@ class MGIE(InsPix2Pix):
         visual: bool = True,
         guidance: Guidance = "edit_head",
         num_img_tokens: int = 8,
-        max_new_tokens: int = 32,
-        no_repeat_ngram_size: int = 0,
+        max_new_tokens: int = 96,
+        no_repeat_ngram_size: int = 3,
         instruction_loss_weight: float = 1.0,
         edit_loss_weight: float = 0.5,
         mllm_learning_rate: float = 5e-4,
+        weight_decay: float = 0.0,
         train_mllm: bool = True,
         train_unet: bool = True,
         train_llm: bool = False,
@@ -126,7 +128,7 @@ class MGIE(InsPix2Pix):
         prompt_template: str = PROMPT_TEMPLATE,
         **kwargs,
     ) -> None:
-        super().__init__(diffusion_path, **kwargs)
+        super().__init__(diffusion_path, weight_decay=weight_decay, **kwargs)
         if guidance not in GUIDANCES:
             raise ValueError(f"guidance must be one of {GUIDANCES}, got {guidance!r}")
         if guidance == "text" and kwargs.get("train_text_encoder"):
@@ -244,26 +246,29 @@ class MGIE(InsPix2Pix):
         rank_zero_info(f"applied the MGIE release {self.release_mllm} / {self.release_unet}")
 
     def _init_unet(self, path: str) -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"unet_init_from checkpoint {path} not found (the tiny MGIE/LGIE presets start "
-                f"from the quickstart model: run `python -m editbench fit -c "
-                f"experiments/quickstart.yaml` first, or set model.init_args.unet_init_from null)"
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-        unet = _submodule_state(state, "diffusion.unet.")
+        """The UNet (and a trained CLIP text encoder) of an editbench InsPix2Pix checkpoint; its
+        EMA weights when it has them and ``prefer_ema_weights``."""
+        checkpoint = read_checkpoint(
+            path,
+            what="unet_init_from checkpoint",
+            hint="the tiny MGIE/LGIE presets start from the quickstart model: run `python -m "
+            "editbench fit -c experiments/quickstart.yaml` first, or set "
+            "model.init_args.unet_init_from null",
+        )
+        ema = self.prefer_ema_weights and checkpoint.has_ema
+        unet = checkpoint.submodule("diffusion.unet.", ema=ema)
         if not unet:
             raise FileNotFoundError(
                 f"{path} holds no diffusion.unet.* weights (not an editbench model)"
             )
         self.diffusion.unet.load_state_dict(unet, strict=True)
-        rank_zero_info(f"initialised the UNet from {path}")
-        text = _submodule_state(state, "text_encoder.")
+        kind = " (its EMA weights)" if ema else ""
+        rank_zero_info(f"initialised the UNet from {path}{kind}")
+        text = checkpoint.submodule("text_encoder.", ema=ema)
         if text and self.text_encoder is not None:
             self.text_encoder.load_state_dict(text, strict=True)
             self._null_text = None
-            rank_zero_info(f"initialised the CLIP text encoder from {path}")
+            rank_zero_info(f"initialised the CLIP text encoder from {path}{kind}")
 
     def train(self, mode: bool = True):
         """The MLLM (only its embeddings and head train; no dropout in frozen layers) and the
@@ -398,12 +403,11 @@ class MGIE(InsPix2Pix):
         return torch.tensor(hits / max(len(want), 1), device=self.device)
 
     def extra_test_results(self) -> dict[str, float]:
+        # compute() syncs across processes: every rank calls it for every metric, whether or
+        # not it saw a sample (a rank may hold no test sample with an expressive instruction).
         metrics = getattr(self, "_expressive_metrics", {})
-        return {
-            f"test/{name}": float(metric.compute())
-            for name, metric in metrics.items()
-            if metric.update_called
-        }
+        results = {f"test/{name}": float(metric.compute()) for name, metric in metrics.items()}
+        return {k: v for k, v in results.items() if math.isfinite(v)}
 
     def conditions(self, source: torch.Tensor, instructions: Sequence[str]):
         """The guidance of an edit: the edit head on the generated [IMG] states (E2E), the

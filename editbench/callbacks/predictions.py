@@ -14,8 +14,9 @@ class EditPredictionWriter(BasePredictionWriter):
     """Save each edited image as ``<output_dir>/<id>.png`` (or under the name the DataModule's
     ``prediction_path(id)`` gives, e.g. MagicBrush's official ``<img_id>/<img_id>_iter_2.png``)
     and append ``id``, ``instruction``,
-    ``image`` and (where the model makes one) ``expressive`` to ``predictions.jsonl``
-    (``predictions.rank<k>.jsonl`` per process when several processes predict).
+    ``image`` and (where the model makes one) ``expressive`` to ``predictions.jsonl``. Several
+    processes each write ``predictions.rank<k>.jsonl`` (the DataModule gives every sample to one
+    process), and rank 0 joins them into ``predictions.jsonl`` at the end, ordered by rank.
 
     Args:
         output_dir: where to write; ``None`` is ``<log dir>/predictions``.
@@ -31,7 +32,9 @@ class EditPredictionWriter(BasePredictionWriter):
         return Path(trainer.log_dir or ".") / "predictions"
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        out = self._dir(trainer)
+        # trainer.log_dir is a collective (a broadcast): read it once here, on every process,
+        # never per batch (processes may hold different numbers of batches).
+        out = self._out = self._dir(trainer)
         out.mkdir(parents=True, exist_ok=True)
         name = (
             "predictions.jsonl"
@@ -44,7 +47,7 @@ class EditPredictionWriter(BasePredictionWriter):
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ) -> None:
-        out = self._dir(trainer)
+        out = self._out
         with self._index.open("a") as index:
             name = getattr(trainer.datamodule, "prediction_path", None)
             for i, sample_id in enumerate(prediction["id"]):
@@ -59,3 +62,15 @@ class EditPredictionWriter(BasePredictionWriter):
                 if prediction.get("expressive") is not None:
                     record["expressive"] = prediction["expressive"][i]
                 index.write(json.dumps(record) + "\n")
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if trainer.world_size == 1:
+            return
+        trainer.strategy.barrier("editbench-predictions")
+        if trainer.is_global_zero:
+            out = self._out
+            parts = [out / f"predictions.rank{r}.jsonl" for r in range(trainer.world_size)]
+            with (out / "predictions.jsonl").open("w") as joined:
+                for part in parts:
+                    joined.write(part.read_text())
+                    part.unlink()

@@ -65,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument(
-            "-c", "--config", required=True, help="a fit config (its data section is used)"
+            "-c",
+            "--config",
+            required=True,
+            action="append",
+            help="a fit config (its data section is used); several layer in order",
         )
         cmd.add_argument(
             "overrides", nargs="*", help="extra CLI overrides, e.g. --data.init_args.root=DIR"
@@ -76,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             cmd.add_argument("--checksums", default=None, help="write a sha256 manifest here")
             cmd.add_argument("--num_workers", type=int, default=0)
+            cmd.add_argument(
+                "--splits",
+                nargs="+",
+                choices=("train", "val", "test"),
+                default=["train", "val", "test"],
+                help="splits to check (a split that cannot be loaded is a problem)",
+            )
+            cmd.add_argument(
+                "--pair_quality",
+                default=None,
+                help="write each masked sample's change outside its mask here (JSONL)",
+            )
         cmd.set_defaults(func=_inspect_or_verify)
 
     from editbench.commands.expressive import add_arguments

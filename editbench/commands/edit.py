@@ -8,26 +8,35 @@ import json
 from pathlib import Path
 
 import torch
+from lightning.pytorch.cli import instantiate_module
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import save_image
 
+from models.checkpoint import read_checkpoint
 
-def load_checkpoint_model(ckpt_path: str | Path, device: str = "cpu"):
-    """Rebuild the model a LightningCLI run saved in ``ckpt_path`` (class and arguments from its
-    hyperparameters; frozen weights re-read from their paths, trainable ones from the file)."""
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt_path} not found")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if "_class_path" not in checkpoint.get("hyper_parameters", {}):
+
+def load_checkpoint_model(ckpt_path: str | Path, device: str = "cpu", ema: bool | None = None):
+    """Rebuild the model a LightningCLI run saved in ``ckpt_path``: class and arguments from its
+    hyperparameters (instantiated as LightningCLI saved them), frozen weights re-read from their
+    paths, trainable ones from the file, its EMA weights when it has them (``ema``: ``None``
+    follows the model's ``prefer_ema_weights``, ``False`` takes the raw weights). Returns the
+    model in eval mode and the DataModule's hyperparameters as saved (``_class_path``
+    included); ``model.uses_ema_weights`` says which weights were loaded."""
+    checkpoint = read_checkpoint(ckpt_path)
+    if checkpoint.class_path is None:
         raise FileNotFoundError(
-            f"{ckpt_path} has no model class in its hyperparameters; it was not written by "
+            f"{checkpoint.path} has no model class in its hyperparameters; it was not written by "
             f"`python -m editbench fit`"
         )
-    cls = model_class(checkpoint["hyper_parameters"]["_class_path"], ckpt_path)
-    model = cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
-    return model.to(device).eval(), checkpoint.get("datamodule_hyper_parameters", {})
+    cls = model_class(checkpoint.class_path, checkpoint.path)
+    init_args = checkpoint.init_args()
+    if ema is not None:
+        init_args["prefer_ema_weights"] = ema
+    model = instantiate_module(cls, {"_class_path": checkpoint.class_path, **init_args})
+    model.configure_model()
+    model.load_weights_from(checkpoint)
+    return model.to(device).eval(), dict(checkpoint.datamodule_hparams)
 
 
 def model_class(class_path: str, source: Path) -> type:
@@ -82,13 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--resolution", type=int, default=None, help="shorter side (default: the training data's)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--raw_weights",
+        action="store_true",
+        help="use the trained weights even when the checkpoint holds EMA weights (default: EMA)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    model, data_hparams = load_checkpoint_model(args.ckpt_path, args.device)
+    model, data_hparams = load_checkpoint_model(
+        args.ckpt_path, args.device, ema=False if args.raw_weights else None
+    )
     resolution = args.resolution or data_hparams.get("resolution")
     source = load_image(args.image, resolution).to(args.device)
     out = model.edit(
@@ -102,7 +118,7 @@ def main(argv: list[str]) -> int:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     save_image((out.images[0].float().clamp(-1, 1) + 1) / 2, output)
-    record = {"image": str(output), "instruction": args.instruction}
+    record = {"image": str(output), "instruction": args.instruction, "ema": model.uses_ema_weights}
     if out.expressive is not None:
         record["expressive"] = out.expressive[0]
     print(json.dumps(record))

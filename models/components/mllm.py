@@ -36,7 +36,6 @@ Facts taken from the released code (apple/ml-mgie: ``mgie_train.py``, ``mgie_lla
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.components.lm_loading import (
+    CastOutput,
+    cast_input_to_weight,
+    frozen_prefixes,
+    load_language_model,
+)
 
 PROMPT_TEMPLATE = "what will this image be like if {instruction}"
 VISUAL_CHAT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
@@ -142,7 +148,7 @@ class MLLM(nn.Module):
         )
         self._check_templates()
 
-        self.model, self.processor, self.tokenizer = _load(
+        self.model, self.processor, self.tokenizer = load_language_model(
             Path(path), visual, DTYPES.get(torch_dtype) if torch_dtype else None
         )
         self.img_token_ids: list[int] = self._add_img_tokens(new_token_init)
@@ -199,8 +205,8 @@ class MLLM(nn.Module):
         """Let the trainable embeddings be kept in float32 while the frozen model runs in
         bf16/fp16: the input embeddings' output is cast to the load dtype and the LM head's
         input to the head's dtype (both no-ops when the dtypes already agree)."""
-        self.embed_tokens.register_forward_hook(_CastOutput(self._compute_dtype))
-        self.lm_head.register_forward_pre_hook(_cast_input_to_weight)
+        self.embed_tokens.register_forward_hook(CastOutput(self._compute_dtype))
+        self.lm_head.register_forward_pre_hook(cast_input_to_weight)
 
     def _embedding_weights(self) -> list[nn.Parameter]:
         return [self.model.get_input_embeddings().weight, self.model.get_output_embeddings().weight]
@@ -246,7 +252,7 @@ class MLLM(nn.Module):
         flags. A submodule's prefix ends with ``.``; a lone frozen parameter is its full key;
         match with ``key.startswith(prefix)``."""
         trainable = {id(p) for p in self.trainable_parameters()}
-        return _frozen_prefixes(self, "", trainable)
+        return frozen_prefixes(self, "", trainable)
 
     # ------------------------------------------------------------------ inputs
 
@@ -392,8 +398,7 @@ class MLLM(nn.Module):
         label_ids = self._pad_labels(labels, input_ids.shape[1])
 
         hidden = self.hidden_states(input_ids, attention_mask, pixel_values)
-        logits = self.lm_head(hidden)
-        loss, accuracy = lm_loss(logits, label_ids)
+        loss, accuracy = labelled_lm_loss(hidden, label_ids, self.lm_head)
         return MLLMOutput(
             loss=loss,
             img_hidden=self._img_hidden(hidden, input_ids),
@@ -477,91 +482,23 @@ class MLLM(nn.Module):
         return row[:cut], complete
 
 
-def lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Next-token CE averaged over the labelled tokens (Eq. 2) and the greedy accuracy on
-    them: position t predicts label t+1; -100 is ignored."""
-    shift_logits = logits[:, :-1].float()
+def labelled_lm_loss(hidden: Tensor, labels: Tensor, lm_head: nn.Module) -> tuple[Tensor, Tensor]:
+    """Next-token CE averaged over the labelled tokens (L_ins, Eq. 2) and the greedy accuracy
+    on them, with ``lm_head`` applied only to the positions that predict a label.
+
+    Position t predicts label t+1; -100 is ignored, whatever side the padding is on. The
+    result equals cross-entropy over the full ``lm_head(hidden)`` logits with
+    ``ignore_index=-100``, but only ``[n_labelled, V]`` logits exist: at 7B (V = 32k, a
+    prompt of ~600 tokens with LLaVA-1.5's 576 image tokens, ~60 labelled) that is ~10x fewer
+    float32 logits, and as many fewer in their gradient and the softmax.
+    """
     shift_labels = labels[:, 1:]
     valid = shift_labels != IGNORE_INDEX
     if not bool(valid.any()):
         raise ValueError("no labelled target tokens in the batch")
-    loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-    )
+    logits = lm_head(hidden[:, :-1][valid]).float()  # [n_labelled, V]
+    targets = shift_labels[valid]
+    loss = F.cross_entropy(logits, targets)
     with torch.no_grad():
-        correct = (shift_logits.argmax(-1) == shift_labels) & valid
-        accuracy = correct.sum() / valid.sum()
+        accuracy = (logits.argmax(-1) == targets).float().mean()
     return loss, accuracy
-
-
-class _CastOutput:
-    """Forward hook: cast a module's output to a fixed dtype (picklable, unlike a lambda)."""
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-
-    def __call__(self, module: nn.Module, args, output: Tensor) -> Tensor:
-        return output.to(self.dtype)
-
-
-def _cast_input_to_weight(module: nn.Module, args: tuple) -> tuple:
-    """Forward pre-hook: cast the first input to the module's weight dtype."""
-    return (args[0].to(module.weight.dtype), *args[1:])
-
-
-def _frozen_prefixes(module: nn.Module, prefix: str, trainable: set[int]) -> list[str]:
-    """Largest submodules (and lone parameters) holding none of the ``trainable`` parameters."""
-    if not any(id(p) in trainable for p in module.parameters()):
-        return [prefix] if module.state_dict() else []
-    out = [
-        prefix + name
-        for name, p in module.named_parameters(recurse=False)
-        if id(p) not in trainable
-    ]
-    for name, child in module.named_children():
-        out += _frozen_prefixes(child, f"{prefix}{name}.", trainable)
-    return out
-
-
-def _load(path: Path, visual: bool, dtype: torch.dtype | None):
-    """(model, processor or None, tokenizer) from a local folder, offline."""
-    kind = "LLaVA (llava-hf layout, e.g. llava-hf/llava-1.5-7b-hf)" if visual else "LLaMA"
-    hint = (
-        f"{path}: MLLM path must be a local {kind} folder with config.json, the weights and "
-        f"the {'processor' if visual else 'tokenizer'} files (or run "
-        "`python -m editbench data make-tiny` and use its "
-        f"{'llava' if visual else 'llama'}/ folder)"
-    )
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(hint)
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if visual and model_type != "llava":
-        raise FileNotFoundError(f"{hint}; found model_type {model_type!r}, not 'llava'")
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoProcessor,
-        AutoTokenizer,
-        LlavaForConditionalGeneration,
-    )
-
-    kwargs = {"local_files_only": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    try:
-        if visual:
-            model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
-            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-            tokenizer = processor.tokenizer
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-            processor = None
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise FileNotFoundError(f"{hint}: {err}") from err
-    tokenizer.padding_side = "left"  # batched generation
-    if tokenizer.pad_token is None:  # LLaMA ships none; the released code pads with unk
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    return model, processor, tokenizer

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,7 @@ import pytest
 
 from editbench.cli import main
 from editbench.commands.report import PROVENANCE_KEYS, ReportError
-from metrics.published import MGIE_TABLES
 
-PAPER = Path("/work/shared/papers/mgie.txt")
 SEEDS = (0, 1, 2)
 COLUMNS = {"magicbrush": ["L1", "DINO", "CVS", "CTS"], "ma5k": ["L1", "SSIM", "LPIPS"]}
 SCALE = {"L1": 1, "DINO": 100, "CVS": 100, "CTS": 100, "SSIM": 100, "LPIPS": 1}
@@ -383,81 +380,3 @@ def test_malformed_files_name_the_file_and_key(runs, tmp_path, capsys):
     capsys.readouterr()
     message = error([str(bad), "--copy-baseline"], capsys)
     assert str(bad) in message and "'copy_table'" in message
-
-
-# ----------------------------------------------------------------------------- published data
-
-
-def numeric_rows(lines: list[str]) -> list[tuple[str, list[float]]]:
-    """``(label, values)`` of table lines ``<label> <number> <number> ...`` in the paper text,
-    completing continuation labels the way the paper prints them: ``+ Lins`` after
-    ``LGIE - Lins`` is ``LGIE + Lins``; ``MGIE`` under ``FZ LGIE`` is ``FZ MGIE``."""
-    rows = []
-    base, arch = "", ""
-    for line in lines:
-        match = re.match(r"^(\S.*?)\s+((?:-?\d+\.\d+\s*)+)$", line.strip())
-        if not match:
-            continue
-        label, values = match.group(1), [float(v) for v in match.group(2).split()]
-        first = label.split()[0]
-        if first in ("FZ", "FT", "E2E"):
-            arch = first
-        elif arch and label == "MGIE":
-            label = f"{arch} MGIE"
-        if label.startswith("+"):
-            label = f"{base} {label}"
-        else:
-            base = first
-        rows.append((label, values))
-    return rows
-
-
-def block(lines: list[str], start: str, end: str) -> list[str]:
-    """The lines after the first line starting with ``start`` up to the next containing ``end``."""
-    i = next(k for k, line in enumerate(lines) if line.startswith(start))
-    j = next(k for k in range(i + 1, len(lines)) if end in lines[k])
-    return lines[i + 1 : j]
-
-
-def flat(table: dict, method: str, columns: list[tuple[str, str]]) -> list[float]:
-    return [MGIE_TABLES[table][method][d][m] for d, m in columns]
-
-
-ALL = [(d, m) for d, ms in (
-    ("evr", ["L1", "DINO", "CVS"]), ("gier", ["L1", "SSIM", "CVS"]),
-    ("ma5k", ["L1", "SSIM", "LPIPS"]), ("magicbrush", ["L1", "DINO", "CVS", "CTS"]),
-) for m in ms]  # fmt: skip
-FIDS = [(d, "FID") for d in ("evr", "gier", "ma5k", "magicbrush")]
-MA5K_MB = ALL[6:]
-
-
-def test_published_numbers_match_the_paper_text():
-    if not PAPER.is_file():
-        pytest.skip(f"the MGIE paper text {PAPER} is not on this machine")
-    lines = PAPER.read_text().splitlines()
-    table1 = numeric_rows(block(lines, "L1↓ DINO↑ CVS↑ L1↓ SSIM↑", "Table 1:"))
-    table2 = numeric_rows(block(lines, "Table 1:", "Table 2:"))
-    table3 = numeric_rows(block(lines, "Arch. Method", "Table 3:"))
-    described = numeric_rows(block(lines, "Comparison to Description-based", "Evaluating Image"))
-    fid = numeric_rows(block(lines, "Method Zero-shot Fine-tuned", "Part-of-Speech"))
-    lins = numeric_rows(block(lines, "Method Setting MA5k", "Adding New Object"))
-    assert [r[0] for r in table1] == ["InsPix2Pix", "LGIE", "MGIE"]
-    assert [r[0] for r in table3][-2:] == ["E2E LGIE", "E2E MGIE"]
-    checked = 0
-    assert [r[0] for r in described] == ["Text2LIVE", "Null-Inv", "InsPix2Pix", "MGIE"]
-    for label, values in table1 + described:
-        assert flat("mgie-zero-shot", label, ALL) == values, label
-        checked += len(values)
-    for label, values in table2:
-        assert flat("mgie-fine-tuned", label, ALL) == values, label
-        checked += len(values)
-    for label, values in fid:
-        assert flat("mgie-zero-shot", label, FIDS) + flat("mgie-fine-tuned", label, FIDS) == values
-        checked += len(values)
-    for label, values in table3:
-        assert flat("mgie-ablation", label, MA5K_MB) == values, label
-        checked += len(values)
-    for label, values in lins:
-        assert flat("mgie-lins", label, MA5K_MB[1:3] + MA5K_MB[4:]) == values, label
-        checked += len(values)
-    assert checked == 3 * 13 + 4 * 13 + 3 * 13 + 3 * 8 + 7 * 7 + 5 * 5

@@ -128,10 +128,12 @@ def test_resize_keeps_mask_aligned(tmp_path):
         assert (bright & mask).sum() / (bright | mask).sum() > 0.9
 
 
-def test_eval_transform_is_a_fixed_center_crop(tmp_path):
+def test_eval_transform_center_crop_is_fixed(tmp_path):
     regions = [(slice(4, 20), slice(30, 36))]
     dataset = _pair_dataset(tmp_path, (48, 32), regions, resolution=32, flip=0.0)
-    dataset.transform = build_transform(32, train=False, random_crop=True, random_flip=1.0)
+    dataset.transform = build_transform(
+        32, train=False, random_crop=True, random_flip=1.0, eval_resize="center_crop"
+    )
     image = np.asarray(Image.open(tmp_path / "img.png"))
     expected = torch.from_numpy(image[:, 8:40]).permute(2, 0, 1).float() / 127.5 - 1
     for seed in range(10):

@@ -1,4 +1,4 @@
-"""GIERDataModule on a tiny GIER in its native layout, and the COCO RLE decoder."""
+"""GIERDataModule on a tiny GIER in its native layout, and COCO RLE decoding (pycocotools)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 
 from datamodules.base import BadSampleError
 from datamodules.gier import GIERDataModule
-from datamodules.rle import decode_counts_string, decode_rle, union_rles
+from datamodules.rle import decode_rle, union_rles
 
 # --------------------------------------------------------------------------- a test encoder
 
@@ -59,11 +59,13 @@ def test_hand_encoded_rles():
     expected = np.array([[0, 1, 0], [1, 0, 0]], dtype=np.uint8)
     assert np.array_equal(decode_rle({"size": [2, 3], "counts": [1, 2, 3]}), expected)
     assert np.array_equal(decode_rle({"size": [2, 3], "counts": "123"}), expected)
-    # "M" = 48 + 29: the 5-bit value -3 (sign bit 0x10), stored as 2 - 5 for the fourth run
-    assert decode_counts_string("053M") == [0, 5, 3, 2]
-    # 100 = 4 + 3 * 32: "T" = 48 + (4 | 0x20 continuation), "3" = 48 + 3
-    assert decode_counts_string("T3") == [100]
-    assert decode_counts_string(b"T3") == [100]
+    # "053M": runs [0, 5, 3, 2]; "M" = 48 + 29 is the 5-bit value -3 (sign bit 0x10), stored
+    # as 2 - 5 for the fourth run. Over 2x5 column-major: 5 ones, 3 zeros, 2 ones.
+    expected = np.array([[1, 1, 1, 0, 1], [1, 1, 0, 0, 1]], dtype=np.uint8)
+    assert np.array_equal(decode_rle({"size": [2, 5], "counts": "053M"}), expected)
+    assert np.array_equal(decode_rle({"size": [2, 5], "counts": b"053M"}), expected)
+    # 100 = 4 + 3 * 32: "T" = 48 + (4 | 0x20 continuation), "3" = 48 + 3: 100 zeros
+    assert np.array_equal(decode_rle({"size": [10, 10], "counts": "T3"}), np.zeros((10, 10)))
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (5, 7), (16, 24), (31, 3)])
@@ -88,8 +90,14 @@ def test_rle_errors_and_union():
         decode_rle({"size": [2, 3], "counts": [1, 4]})
     with pytest.raises(ValueError, match="size"):
         decode_rle({"counts": [1]})
-    with pytest.raises(ValueError, match="invalid character"):
-        decode_counts_string(" ")
+    with pytest.raises(ValueError, match="negative"):
+        decode_rle({"size": [2, 3], "counts": [7, -1]})
+    # pycocotools itself rejects an undecodable string; one that decodes to another number of
+    # pixels (here 5 of 6) is caught by the canonical re-encoding check
+    with pytest.raises(ValueError):
+        decode_rle({"size": [2, 3], "counts": " "})
+    with pytest.raises(ValueError, match="does not describe a 2x3 mask"):
+        decode_rle({"size": [2, 3], "counts": "14"})
     a, b = np.zeros((4, 5), np.uint8), np.zeros((4, 5), np.uint8)
     a[0, :2], b[3, 4] = 1, 1
     rles = [rle(a, True), rle(b, False), rle(np.ones((4, 5), np.uint8), True)]
@@ -97,6 +105,11 @@ def test_rle_errors_and_union():
     assert union_rles(rles).all()
     with pytest.raises(IndexError, match="mask id 3"):
         union_rles(rles, [3])
+    # `"ids": []`: an empty mask of the file's size (T2ONet's union of no regions)
+    assert np.array_equal(union_rles(rles, []), np.zeros((4, 5), np.uint8))
+    assert union_rles([], [], size=(2, 3)).shape == (2, 3)
+    with pytest.raises(ValueError, match="sizes differ"):
+        union_rles([rles[0], rle(np.ones((2, 2), np.uint8), True)])
 
 
 # --------------------------------------------------------------------------- a tiny GIER
@@ -208,17 +221,17 @@ def test_one_sample_per_summary_and_counts(gier_root):
     for split, count in COUNTS.items():
         assert len(dm.build_records(split)) == count
     records = dm.build_records("train")
-    assert [r["id"] for r in records] == [
-        "gier/a_in/expert/0", "gier/a_in/expert/1", "gier/a_in/amateur/0",
-        "gier/b_in/expert/0", "gier/b_in/amateur/0",
-        "gier/c_in/expert/0",
-        "gier/d_in/expert/0", "gier/d_in/expert/2",  # the NaN summary is skipped, k is kept
+    assert [r["id"] for r in records] == [  # named by the output image
+        "gier/a_out/expert/0", "gier/a_out/expert/1", "gier/a_out/amateur/0",
+        "gier/b_out/expert/0", "gier/b_out/amateur/0",
+        "gier/c_out/expert/0",
+        "gier/d_out/expert/0", "gier/d_out/expert/2",  # the NaN summary is skipped, k is kept
     ]  # fmt: skip
     assert [r["instruction"] for r in records[:3]] == ["erase it", "remove it", "gone"]
     by_id = {r["id"]: r for r in records}
-    assert by_id["gier/b_in/expert/0"]["detailed_request"] is None  # bare NaN → absent
-    assert by_id["gier/a_in/expert/0"]["detailed_request"] == "details"
-    assert by_id["gier/a_in/expert/0"]["request"] == "request a"
+    assert by_id["gier/b_out/expert/0"]["detailed_request"] is None  # bare NaN → absent
+    assert by_id["gier/a_out/expert/0"]["detailed_request"] == "details"
+    assert by_id["gier/a_out/expert/0"]["request"] == "request a"
     assert records[0]["source"] == str(gier_root / "images" / "a_in.png")
     assert records[0]["target"] == str(gier_root / "images" / "a_out.png")
 
@@ -237,12 +250,12 @@ def test_subset_filters(gier_root):
             {r["id"].split("/")[1] for r in make_dm(gier_root, **kw).build_records("train")}
         )
 
-    assert stems(operators=["brightness"]) == ["a_in", "b_in"]
-    assert stems(operators=["tint", "color_bg"]) == ["c_in", "d_in"]
-    assert stems(local_only=True) == ["a_in", "c_in", "d_in"]
-    assert stems(local_only=False) == ["b_in"]
-    assert stems(subsets=["global"]) == ["b_in", "d_in"]  # indices from train_global_sess_3.json
-    assert stems(subsets=["global"], local_only=True) == ["d_in"]
+    assert stems(operators=["brightness"]) == ["a_out", "b_out"]
+    assert stems(operators=["tint", "color_bg"]) == ["c_out", "d_out"]
+    assert stems(local_only=True) == ["a_out", "c_out", "d_out"]
+    assert stems(local_only=False) == ["b_out"]
+    assert stems(subsets=["global"]) == ["b_out", "d_out"]  # rows in train_global_sess_3.json
+    assert stems(subsets=["global"], local_only=True) == ["d_out"]
     assert stems(operators=["nothing"]) == []
     with pytest.raises(ValueError, match="unknown GIER subsets"):
         make_dm(gier_root, subsets=["nope"])
@@ -253,33 +266,48 @@ def test_subset_filters(gier_root):
 # --------------------------------------------------------------------------- masks
 
 
+C_REGION = region(2, 10, 3, 9)
+
+
+def add_c_mask(root: Path) -> None:
+    """The mask file the fixture leaves out (so the train split can have masks)."""
+    (root / "masks" / "c_in_mask.json").write_text(json.dumps([rle(C_REGION, False)]))
+
+
 def test_masks_are_the_union_of_local_regions(gier_root):
-    dm = make_dm(gier_root, resolution=H, random_crop=False)  # resize no-op, center crop
+    add_c_mask(gier_root)
+    # train and eval: shorter side already H (a no-op resize), then the centre crop
+    dm = make_dm(gier_root, resolution=H, random_crop=False, eval_resize="center_crop")
+    c_region = C_REGION
     dataset = dm.make_dataset("train")
     samples = {dataset[i]["id"]: dataset[i] for i in range(len(dataset))}
     crop = slice((W - H) // 2, (W - H) // 2 + H)
     # a: the local operator names region 1 only (the global one adds nothing)
     assert torch.equal(
-        samples["gier/a_in/expert/0"]["mask"][0],
+        samples["gier/a_out/expert/0"]["mask"][0],
         torch.from_numpy(MASKS["a_in"][1][:, crop]).float(),
     )
     # b: global only → the whole image
-    assert samples["gier/b_in/amateur/0"]["mask"].eq(1).all()
-    # c: no mask file → no mask
-    assert "mask" not in samples["gier/c_in/expert/0"]
+    assert samples["gier/b_out/amateur/0"]["mask"].eq(1).all()
+    # c: ids [0] of its (uncompressed) file
+    assert torch.equal(
+        samples["gier/c_out/expert/0"]["mask"][0], torch.from_numpy(c_region[:, crop]).float()
+    )
     # d: a single RLE dict and a local operator without ids → that region
     assert torch.equal(
-        samples["gier/d_in/expert/2"]["mask"][0],
+        samples["gier/d_out/expert/2"]["mask"][0],
         torch.from_numpy(MASKS["d_in"][0][:, crop]).float(),
     )
     test = dm.make_dataset("test")
     g = MASKS["g_in"][0] | MASKS["g_in"][1]
     assert torch.equal(test[1]["mask"][0], torch.from_numpy(g[:, crop]).float())
-    assert test[0]["mask"].eq(1).all()
+    assert torch.equal(test[1]["mask_native"][0], torch.from_numpy(g))  # uncropped, {0,1}
+    assert test[0]["mask"].eq(1).all() and test[0]["mask_native"].eq(1).all()
 
 
 def test_mask_aligns_with_image_after_train_transforms(gier_root):
     """Inputs are white exactly on their mask: flips and random crops must keep that."""
+    add_c_mask(gier_root)
     torch.manual_seed(0)
     dataset = make_dm(gier_root, resolution=8, random_flip=1.0).make_dataset("train")
     for _ in range(4):  # a's samples: a local mask, random crops, always flipped
@@ -297,15 +325,24 @@ def test_mask_aligns_with_image_after_train_transforms(gier_root):
 def test_mask_of_another_size_is_resized(gier_root):
     small = region(0, 4, 0, 6, shape=(8, 12))
     (gier_root / "masks" / "e_in_mask.json").write_text(json.dumps([rle(small, True)]))
-    sample = make_dm(gier_root, resolution=H).make_dataset("val")[0]
-    expected = np.kron(small, np.ones((2, 2), np.uint8))[:, 4:20]
-    assert torch.equal(sample["mask"][0], torch.from_numpy(expected).float())
+    sample = make_dm(gier_root, resolution=H, eval_resize="center_crop").make_dataset("val")[0]
+    expected = np.kron(small, np.ones((2, 2), np.uint8))  # nearest x2 to the 16x24 input
+    assert torch.equal(sample["mask_native"][0], torch.from_numpy(expected))
+    assert torch.equal(sample["mask"][0], torch.from_numpy(expected[:, 4:20]).float())
 
 
-def test_require_masks(gier_root):
+def test_require_masks_or_no_mask_in_the_split(gier_root, caplog):
+    """c's mask file is missing: no train sample gets a mask (a batch needs all or none)."""
     with pytest.raises(FileNotFoundError, match=r"c_in_mask\.json.*row 2"):
         make_dm(gier_root, require_masks=True).build_records("train")
     assert len(make_dm(gier_root, require_masks=True).build_records("val")) == 3
+    with caplog.at_level("WARNING", logger="datamodules.gier"):
+        dm = make_dm(gier_root, batch_size=8)
+        dm.setup("fit")
+    assert "1 local pair(s) have no mask file" in caplog.text and "c_in_mask.json" in caplog.text
+    batch = next(iter(dm.train_dataloader()))
+    assert len(batch["id"]) == 8 and "mask" not in batch
+    assert next(iter(dm.val_dataloader()))["mask"].shape == (3, 1, 8, 8)  # val is complete
 
 
 # --------------------------------------------------------------------------- bad input
@@ -328,30 +365,35 @@ def test_missing_key_names_file_and_row(gier_root):
         make_dm(gier_root).build_records("train")
 
 
-def test_duplicate_input_is_an_error(gier_root):
+def test_duplicate_output_is_an_error_a_repeated_input_is_not(gier_root):
     path = gier_root / "splits" / "test_sess_3.json"
     pairs = json.loads(path.read_text())
     path.write_text(json.dumps([pairs[0], pairs[0]]))
-    with pytest.raises(ValueError, match="row 1: input 'f_in' already used in row 0"):
+    with pytest.raises(ValueError, match="row 1: output 'f_out' already used in row 0"):
         make_dm(gier_root).build_records("test")
+    second = {**pairs[0], "output": "f_out2.png"}  # the release reuses inputs in several pairs
+    (gier_root / "images" / "f_out2.png").write_bytes((gier_root / "images/f_out.png").read_bytes())
+    path.write_text(json.dumps([pairs[0], second]))
+    ids = [r["id"] for r in make_dm(gier_root).build_records("test")]
+    assert ids == ["gier/f_out/expert/0", "gier/f_out2/expert/0"]
 
 
 def test_corrupt_image_and_mask_name_file_and_row(gier_root):
     (gier_root / "images" / "g_out.png").write_bytes(b"not a png")
     dataset = make_dm(gier_root).make_dataset("test")
     with pytest.raises(
-        BadSampleError, match=r"g_out\.png \(split 'test', row 1, id 'gier/g_in/expert/0'\)"
+        BadSampleError, match=r"g_out\.png \(split 'test', row 1, id 'gier/g_out/expert/0'\)"
     ):
         dataset[1]
     (gier_root / "masks" / "e_in_mask.json").write_text('[{"size": [16, 24], "counts": [1, 2]}]')
     dataset = make_dm(gier_root).make_dataset("val")
     with pytest.raises(
         BadSampleError,
-        match=r"mask .*e_in_mask\.json \(split 'val', row 2, id 'gier/e_in/amateur/1'\)",
+        match=r"mask .*e_in_mask\.json \(split 'val', row 2, id 'gier/e_out/amateur/1'\)",
     ):
         dataset[2]
     skipping = make_dm(gier_root, on_bad_sample="skip").make_dataset("val")
-    assert skipping[0].id == "gier/e_in/expert/0"
+    assert skipping[0].id == "gier/e_out/expert/0"
 
 
 # --------------------------------------------------------------------------- loaders
@@ -370,4 +412,4 @@ def test_dataloaders_iterate(gier_root):
     assert [len(b["id"]) for b in val] == [2, 1]
     dm.setup("test")
     test_ids = [i for b in dm.test_dataloader() for i in b["id"]]
-    assert test_ids == ["gier/f_in/expert/0", "gier/g_in/expert/0", "gier/g_in/amateur/0"]
+    assert test_ids == ["gier/f_out/expert/0", "gier/g_out/expert/0", "gier/g_out/amateur/0"]

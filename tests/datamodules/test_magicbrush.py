@@ -155,7 +155,7 @@ def make(root: Path, **overrides) -> MagicBrushDataModule:
 
 
 def as_unit(array: np.ndarray) -> torch.Tensor:
-    """[H,W,3] uint8 → the eval-transformed [3,16,16] tensor in [-1,1] (center crop of W)."""
+    """[H,W,3] uint8 → the [3,16,16] tensor in [-1,1] of `eval_resize="center_crop"`."""
     left = (W - 16) // 2
     return torch.from_numpy(array[:, left : left + 16].copy()).permute(2, 0, 1).float() / 127.5 - 1
 
@@ -180,13 +180,17 @@ def test_parquet_splits_counts_ids_and_turns(mb_root):
 
 def test_parquet_samples_decode_bytes_and_masks(mb_root):
     root, truth = mb_root
-    dm = make(root)
+    dm = make(root, eval_resize="center_crop")
     dm.setup("fit")
     dataset = dm.datasets["val"]
     assert len(dataset) == 3
     for index in range(3):
         sample = dataset[index]
         source, target, mask = truth[sample["id"]]
+        # the native images: exactly as stored, uncropped
+        assert torch.equal(sample["source_native"], torch.from_numpy(source).permute(2, 0, 1))
+        assert torch.equal(sample["target_native"], torch.from_numpy(target).permute(2, 0, 1))
+        assert torch.equal(sample["mask_native"][0], torch.from_numpy(mask[..., 0] == 255).byte())
         assert torch.equal(sample["source"], as_unit(source))
         assert torch.equal(sample["target"], as_unit(target))
         left = (W - 16) // 2
@@ -275,7 +279,7 @@ def test_test_split_sessions_and_captions(mb_root):
 
 def test_independent_chaining_uses_ground_truth(mb_root):
     root, _ = mb_root
-    dm = make(root)
+    dm = make(root, eval_resize="center_crop")
     dm.setup("test")
     dataset = dm.datasets["test"]
     samples = {dataset[i]["id"]: dataset[i] for i in range(len(dataset))}
@@ -286,6 +290,9 @@ def test_independent_chaining_uses_ground_truth(mb_root):
     sample = samples["magicbrush/200/2"]
     changed = (sample["source"] != sample["target"]).any(dim=0)
     assert torch.equal(changed, sample["mask"][0].bool())  # test masks: white = edit region
+    native_changed = (sample["source_native"] != sample["target_native"]).any(dim=0)
+    assert torch.equal(native_changed, sample["mask_native"][0].bool())
+    assert sample["target_native"].shape == (3, H, W)  # not cropped
     batches = list(dm.test_dataloader())
     assert [len(b["id"]) for b in batches] == [2, 2]
     assert batches[0]["goal_caption"] == ["local 100 output1", "local 200 output1"]

@@ -1,9 +1,13 @@
 """The same predictions evaluated in 1 process and in 2 DDP processes (CPU, gloo) give the same
-value for every metric.
+value for every metric, and the EditEvaluator's results equal the 1-process run's.
 
-One spawn of 2 processes evaluates every metric twice, on an even (4 + 4) and an uneven (5 + 3)
-split of a fixed batch of 8 random images; ``compute()`` syncs the states across the ranks.
-The reference is the same metrics updated with all 8 images in this (undistributed) process.
+One spawn of 2 processes (shared by the tests of this module) evaluates every metric twice, on
+an even (4 + 4) and an uneven (5 + 3) split of a fixed batch of 8 random images; ``compute()``
+syncs the states across the ranks. Then each rank scores its share of a MagicBrush-like test set
+with an :class:`~metrics.evaluation.EditEvaluator`: 7 turns of 3 sessions split so that rank 0
+holds only first turns (no final turn) and rank 1 no first turn, with native targets of two
+sizes, batches carrying ``skipped_ids`` and KID's list states empty on one rank per
+aggregation. The reference is the same evaluation in this (undistributed) process.
 Backbones are tiny and random: a CLIP and a DINO ViT saved here, LPIPS with a seeded random
 AlexNet, FID/KID on a fixed random conv feature module.
 """
@@ -14,14 +18,13 @@ import json
 import math
 import os
 import socket
-import string
 import sys
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from fixtures.backbones import TinyFeatures
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # spawned children import this module before the test's setup
@@ -33,82 +36,6 @@ SPLITS = {"even": (4, 4), "uneven": (5, 3)}
 WORLD_SIZE = 2
 TIMEOUT_S = 300
 CAPTION_WORDS = ["a red square", "a blue circle", "two green stars", "a cat", "the night sky"]
-
-
-class TinyFeatures(nn.Module):
-    """A fixed random conv + ReLU + global average pool, ``[N, 3, H, W]`` in [0, 1] -> ``[N, 16]``:
-    the injected feature extractor of FID and KID (the same weights in every process)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(0)
-        self.conv = nn.Conv2d(3, 16, kernel_size=3, stride=2, padding=1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=gen))
-            self.conv.bias.copy_(torch.randn(self.conv.bias.shape, generator=gen) * 0.1)
-        self.requires_grad_(False)
-        self.num_features = 16
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(x.float())).mean(dim=(2, 3))
-
-
-# ----------------------------------------------------------------------------- backbones
-
-
-def save_tiny_clip(out: Path) -> Path:
-    """A tiny random CLIPModel (32 px, patch 8, width 32) + a character-level CLIPProcessor."""
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTokenizer,
-    )
-
-    chars = string.ascii_lowercase
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({f"{c}</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    text = dict(
-        vocab_size=len(vocab),
-        max_position_embeddings=77,
-        bos_token_id=vocab["<|startoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-        **layers,
-    )
-    vision = dict(image_size=32, patch_size=8, **layers)
-    torch.manual_seed(0)
-    CLIPModel(
-        CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
-    ).save_pretrained(out)
-    CLIPProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-        ),
-        tokenizer=CLIPTokenizer(vocab=vocab, merges=[]),
-    ).save_pretrained(out)
-    return out
-
-
-def save_tiny_dino(out: Path) -> Path:
-    """A tiny random ViT (224 px as MagicBrush's DINO transform feeds, patch 16, width 32)."""
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=224,
-        patch_size=16,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-    )
-    ViTModel(config).save_pretrained(out)
-    ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(out)
-    return out
 
 
 # ----------------------------------------------------------------------------- the evaluation
@@ -197,6 +124,88 @@ def local_l1(batch: dict, index: slice) -> float:
     return float(metric.compute())
 
 
+# ----------------------------------------------------------------------------- the evaluator
+
+#: MagicBrush-like sessions {session: number of turns}; 7 turns in all.
+SESSIONS = {"A": 3, "B": 2, "D": 2}
+#: Native target sizes (H, W), alternating over the turns; the model works at 32 x 32.
+NATIVE_SIZES = ((40, 56), (48, 32))
+EVALUATOR_METRICS = ["L1", "L1_edit", "SSIM", "CVS", "CTS", "KID"]
+
+
+def magicbrush_samples() -> list[dict]:
+    """One dict per turn: model-resolution images, native uint8 images, mask, turn fields."""
+    gen = torch.Generator().manual_seed(99)
+    samples = []
+    for session, num_turns in SESSIONS.items():
+        for turn in range(1, num_turns + 1):
+            h, w = NATIVE_SIZES[len(samples) % 2]
+            target = torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8)
+            source = torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8)
+            mask = torch.zeros(1, h, w, dtype=torch.uint8)
+            mask[:, h // 4 : h // 2, w // 3 : w // 2 + 4] = 1
+            samples.append(
+                {
+                    "id": f"magicbrush/{session}/{turn}",
+                    "session": session,
+                    "turn": turn,
+                    "num_turns": num_turns,
+                    "preds": torch.rand(3, 32, 32, generator=gen) * 2 - 1,
+                    "source": torch.rand(3, 32, 32, generator=gen) * 2 - 1,
+                    "target": torch.rand(3, 32, 32, generator=gen) * 2 - 1,
+                    "instruction": f"edit {session} {turn}",
+                    "goal_caption": CAPTION_WORDS[len(samples) % len(CAPTION_WORDS)],
+                    "target_native": target,
+                    "source_native": source,
+                    "mask_native": mask,
+                }
+            )
+    return samples
+
+
+def rank_share(rank: int) -> list[list[dict]]:
+    """Rank 0: the first turns (one batch); rank 1: the others (batches of 2)."""
+    samples = magicbrush_samples()
+    if rank == 0:
+        return [[s for s in samples if s["turn"] == 1]]
+    rest = [s for s in samples if s["turn"] > 1]
+    return [rest[i : i + 2] for i in range(0, len(rest), 2)]
+
+
+def collate_like(samples: list[dict], skipped: list[str]) -> tuple[dict, torch.Tensor]:
+    """A batch as the DataModules' evaluation collate gives it (native images as lists)."""
+    batch: dict = {"skipped_ids": list(skipped)}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if key in ("preds", "source", "target"):
+            batch[key] = torch.stack(values)
+        elif key in ("turn", "num_turns"):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
+    return batch, batch.pop("preds")
+
+
+def evaluate_magicbrush(backbones: Path, batches: list[list[dict]]) -> dict:
+    """The EditEvaluator's results and counts on ``batches`` (synced when distributed)."""
+    from metrics.evaluation import EditEvaluator
+    from metrics.protocols import get_protocol
+
+    evaluator = EditEvaluator(
+        get_protocol("magicbrush"),
+        EVALUATOR_METRICS,
+        metric_kwargs={"KID": {"feature": TinyFeatures(), "subsets": 2}},
+        backbones={"clip": str(backbones / "clip")},
+    )
+    with torch.no_grad():
+        for n, samples in enumerate(batches):
+            # skipped_ids as long as the batch: it must still not be indexed per sample
+            skipped = [f"skipped/{n}/{i}" for i in range(len(samples))]
+            evaluator.update(*collate_like(samples, skipped))
+    results = evaluator.compute()
+    return {"results": results, "counts": evaluator.num_samples()}
+
+
 def run_rank(rank: int, port: int, backbones: str, out: str) -> None:
     """One DDP process: both splits, results to ``<out>/rank<r>.json`` (a traceback to
     ``rank<r>.err`` on failure)."""
@@ -217,6 +226,7 @@ def run_rank(rank: int, port: int, backbones: str, out: str) -> None:
             index = slice(start, start + sizes[rank])
             results[split] = evaluate(Path(backbones), batch, index)
             results[split]["local_L1"] = local_l1(batch, index)
+        results["evaluator"] = evaluate_magicbrush(Path(backbones), rank_share(rank))
         Path(out, f"rank{rank}.json").write_text(json.dumps(results))
         dist.barrier()
     except Exception:
@@ -261,11 +271,14 @@ def run_ddp(backbones: Path, out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def backbones(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("backbones")
-    save_tiny_clip(root / "clip")
-    save_tiny_dino(root / "dino")
-    return root
+def backbones(small_backbones) -> Path:
+    return small_backbones
+
+
+@pytest.fixture(scope="module")
+def ranks(backbones, tmp_path_factory) -> list[dict]:
+    """The 2 ranks' results (one spawn for the module's tests)."""
+    return run_ddp(backbones, tmp_path_factory.mktemp("ddp"))
 
 
 def close(name: str, got: float, expected: float, scale: float) -> bool:
@@ -279,7 +292,7 @@ def close(name: str, got: float, expected: float, scale: float) -> bool:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process(backbones, tmp_path):
+def test_ddp_two_processes_equal_one_process(backbones, ranks):
     batch = make_batch()
     single = evaluate(backbones, batch, slice(None))
     names = {
@@ -290,7 +303,6 @@ def test_ddp_two_processes_equal_one_process(backbones, tmp_path):
     assert all(math.isfinite(v) for v in single.values()), single
     assert single["FID"] > 1e-3 and single["KID"] > 1e-6  # not a degenerate comparison
 
-    ranks = run_ddp(backbones, tmp_path)
     mismatches = []
     for split in SPLITS:
         for rank, results in enumerate(ranks):
@@ -302,4 +314,38 @@ def test_ddp_two_processes_equal_one_process(backbones, tmp_path):
                     )
             # Each rank saw only its share: unsynced, its L1 differs; synced, it is the global one.
             assert not math.isclose(results[split]["local_L1"], single["L1"], rel_tol=1e-4)
+    assert not mismatches, "\n".join(mismatches)
+
+
+@pytest.mark.slow
+def test_evaluator_on_two_processes_with_disjoint_turns_equals_one_process(backbones, ranks):
+    shares = [rank_share(0), rank_share(1)]
+    turns = [[s["turn"] == 1 for batch in share for s in batch] for share in shares]
+    finals = [[s["turn"] == s["num_turns"] for b in share for s in b] for share in shares]
+    assert all(turns[0]) and not any(finals[0])  # rank 0: first turns only, no final turn
+    assert not any(turns[1])  # rank 1: no first turn
+
+    # the reference: every sample in one process, in other batches
+    samples = magicbrush_samples()
+    single = evaluate_magicbrush(backbones, [samples[:4], samples[4:]])
+    expected, counts = single["results"], single["counts"]
+    assert counts == {"all": 7, "final": 3, "turn1": 3}
+    for aggregation in ("all", "final", "turn1"):
+        for name in ("L1", "L1_edit", "SSIM", "CVS", "CTS", "KID"):
+            assert math.isfinite(expected[f"test/{aggregation}/{name}"]), (aggregation, name)
+    # the aggregations differ, so a result paired with the wrong aggregation would show
+    assert abs(expected["test/final/L1"] - expected["test/turn1/L1"]) > 1e-4
+    assert expected["test/L1"] == expected["test/all/L1"]  # independent data: single-turn
+
+    mismatches = []
+    for rank, result in enumerate(ranks):
+        got = result["evaluator"]
+        assert got["counts"] == counts, (rank, got["counts"])
+        assert set(got["results"]) == set(expected)
+        for key, value in expected.items():
+            # KID: float32 kernel sums over the features in another order (its std, ~1e-5 on
+            # both sides, is that noise: every subset is the whole set)
+            rel, absolute = (1e-3, 2e-4) if "KID" in key else (1e-5, 1e-6)
+            if not math.isclose(got["results"][key], value, rel_tol=rel, abs_tol=absolute):
+                mismatches.append(f"rank {rank} {key}: {got['results'][key]!r} vs {value!r}")
     assert not mismatches, "\n".join(mismatches)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metrics.evaluation import EditEvaluator, build_metric
+from metrics.evaluation import EditEvaluator, build_metric, default_backbones
 from metrics.features import backbone_cache_info, clear_backbone_cache, load_clip
 from metrics.protocols import PROTOCOLS, get_protocol
 from metrics.provenance import weights_sha256
@@ -47,9 +47,16 @@ def test_protocol_columns_are_mgie_tables():
     assert get_protocol("gier").columns == ("L1", "SSIM", "CVS")
     assert get_protocol("ma5k").columns == ("L1", "SSIM", "LPIPS")
     assert get_protocol("magicbrush").columns == ("L1", "DINO", "CVS", "CTS")
-    assert get_protocol("magicbrush").aggregations == ("single", "final", "all")
+    assert get_protocol("magicbrush").aggregations == ("all", "final", "turn1")
     with pytest.raises(ValueError, match="unknown evaluation protocol 'nope'"):
         get_protocol("nope")
+
+
+def test_former_single_aggregation_names_its_new_name():
+    with pytest.raises(ValueError, match=r"renamed.*'turn1'.*single-turn setting is 'all'"):
+        get_protocol("magicbrush").with_aggregation("single")
+    with pytest.raises(ValueError, match="unknown aggregation 'best'"):
+        get_protocol("magicbrush").with_aggregation("best")
 
 
 def test_every_datamodule_names_a_known_protocol():
@@ -76,7 +83,7 @@ def test_every_datamodule_names_a_known_protocol():
     assert names <= set(PROTOCOLS)
 
 
-@pytest.mark.parametrize("aggregation", ["single", "final", "all"])
+@pytest.mark.parametrize("aggregation", ["turn1", "final", "all"])
 def test_magicbrush_aggregations_on_two_sessions(aggregation):
     batch, preds = two_sessions_batch()
     protocol = get_protocol("magicbrush").with_aggregation(aggregation)
@@ -90,18 +97,18 @@ def test_magicbrush_aggregations_on_two_sessions(aggregation):
 
     per_turn = np.abs([0.2, 0.4, -0.6, 0.8, 1.0]) / 2
     copy = np.full(5, 0.1 / 2)
-    chosen = {"single": [0, 2], "final": [1, 4], "all": [0, 1, 2, 3, 4]}
+    chosen = {"turn1": [0, 2], "final": [1, 4], "all": [0, 1, 2, 3, 4]}
     for name, rows in chosen.items():
         assert results[f"test/{name}/L1"] == pytest.approx(per_turn[rows].mean(), abs=1e-6)
         assert results[f"test/copy/{name}/L1"] == pytest.approx(copy[rows].mean(), abs=1e-6)
     assert results["test/L1"] == results[f"test/{aggregation}/L1"]
-    assert evaluator.num_samples() == {"single": 2, "final": 2, "all": 5}
+    assert evaluator.num_samples() == {"turn1": 2, "final": 2, "all": 5}
 
 
 def test_aggregation_needs_turns():
     evaluator = EditEvaluator(get_protocol("magicbrush"), ["L1"])
     batch = {"source": constant_images([0.0]), "target": constant_images([0.0]), "id": ["x"]}
-    with pytest.raises(ValueError, match="turn"):
+    with pytest.raises(ValueError, match="'final' turn aggregation needs the batch keys"):
         evaluator.update(batch, constant_images([0.0]))
 
 
@@ -181,10 +188,13 @@ def test_weights_hash_follows_the_weights(tmp_path):
 
 def test_results_document_round_trip(tmp_path):
     batch, preds = two_sessions_batch()
-    evaluator = EditEvaluator(get_protocol("magicbrush"), ["L1"])
+    datamodule = SimpleNamespace(
+        resolution=256, caption_source="local", test_mode="iterative", eval_resize="pad"
+    )
+    protocol = get_protocol("magicbrush-paper").for_data(datamodule)
+    evaluator = EditEvaluator(protocol, ["L1"])
     evaluator.update(batch, preds)
     results = evaluator.compute()
-    datamodule = SimpleNamespace(resolution=256, caption_source="local", test_mode="iterative")
     run = {"name": "demo", "seed": 3}
     document = results_document(
         evaluator, results, model=torch.nn.Identity(), datamodule=datamodule, run=run
@@ -193,11 +203,77 @@ def test_results_document_round_trip(tmp_path):
     back = read_results(path)
     protocol = back["protocol"]
     assert protocol["caption_source"] == "local" and protocol["turn_mode"] == "iterative"
-    assert protocol["aggregation"] == "single" and protocol["num_samples"] == 2
-    assert protocol["num_samples_per_aggregation"] == {"single": 2, "final": 2, "all": 5}
+    assert protocol["protocol_caption_source"] == "local"
+    # an iterative run's table is MagicBrush's multi-turn setting: the final turns
+    assert protocol["aggregation"] == "final" and protocol["setting"] == "multi-turn"
+    assert protocol["settings"] == {"final": "multi-turn"}
+    assert protocol["num_samples"] == 2
+    assert protocol["num_samples_per_aggregation"] == {"turn1": 2, "final": 2, "all": 5}
+    assert protocol["eval_resize"] == "pad" and protocol["data"]["eval_resize"] == "pad"
+    assert protocol["scoring"] == "model"  # hand-built batch: no native images
     assert protocol["seed"] == 3 and set(PROVENANCE_ONLY) <= set(protocol)
-    assert back["table"]["L1"] == pytest.approx(results["test/L1"])
+    assert back["table"]["L1"] == pytest.approx(results["test/final/L1"])
+    assert back["table"]["L1"] == pytest.approx(np.mean([0.4, 1.0]) / 2)
     assert math.isclose(back["copy_table"]["L1"], 0.05, abs_tol=1e-6)
     (tmp_path / "other.json").write_text(json.dumps({"test/L1": 1.0}))
     with pytest.raises(ValueError, match="other.json"):
         read_results(tmp_path / "other.json")
+
+
+@pytest.mark.parametrize(
+    ("test_mode", "aggregation", "setting"),
+    [("independent", "all", "single-turn"), ("iterative", "final", "multi-turn")],
+)
+def test_table_setting_follows_the_test_mode(test_mode, aggregation, setting):
+    datamodule = SimpleNamespace(caption_source="global", test_mode=test_mode)
+    protocol = get_protocol("magicbrush").for_data(datamodule)
+    assert protocol.default_aggregation == aggregation
+    assert protocol.setting(None, test_mode).name == setting
+    # a user's aggregation still wins, and is then no MagicBrush setting
+    turn1 = protocol.with_aggregation("turn1")
+    assert turn1.default_aggregation == "turn1" and turn1.setting(None, test_mode) is None
+    evaluator = EditEvaluator(turn1, ["L1"])
+    batch, preds = two_sessions_batch()
+    evaluator.update(batch, preds)
+    results = evaluator.compute()
+    document = results_document(
+        evaluator, results, model=torch.nn.Identity(), datamodule=datamodule, run={}
+    )
+    assert document["protocol"]["setting"] is None
+    assert document["table"]["L1"] == pytest.approx(np.mean([0.2, 0.6]) / 2)
+
+
+def test_caption_source_of_protocol_and_data_must_agree():
+    local = SimpleNamespace(caption_source="local", test_mode="independent")
+    assert get_protocol("magicbrush").caption_source == "global"  # MGIE: global captions
+    assert get_protocol("magicbrush-paper").caption_source == "local"  # MagicBrush paper
+    with pytest.raises(ValueError, match=r"'magicbrush'.*global.*caption_source='local'") as err:
+        get_protocol("magicbrush").for_data(local)
+    assert "magicbrush-paper" in str(err.value)  # the protocol that fits the data
+    get_protocol("magicbrush-paper").for_data(local)
+    # protocols that score no captions accept any data
+    get_protocol("evr").for_data(local)
+
+
+def test_backbone_defaults_per_protocol(tmp_path, monkeypatch, tiny_dir):
+    monkeypatch.setenv("EDITBENCH_BACKBONES", str(tmp_path))
+    assert default_backbones(get_protocol("ipr2pr")) == {
+        "clip": str(tmp_path / "clip-vit-large-patch14")
+    }
+    assert default_backbones(get_protocol("magicbrush")) == {
+        "clip": str(tmp_path / "clip-vit-base-patch32"),
+        "dino": str(tmp_path / "dino-vits16"),
+    }
+    # the ipr2pr metrics look for ViT-L/14 under $EDITBENCH_BACKBONES ...
+    with pytest.raises(FileNotFoundError, match="clip-vit-large-patch14"):
+        EditEvaluator(get_protocol("ipr2pr"))
+    # ... and a user's folder overrides it; the provenance records the one used
+    (tmp_path / "clip-vit-large-patch14").symlink_to(tiny_dir / "clip")
+    evaluator = EditEvaluator(get_protocol("ipr2pr"))
+    record = evaluator.metric_provenance()
+    assert record["CLIP_direction"]["backbone"]["path"] == str((tiny_dir / "clip").resolve())
+    assert record["CLIP_image"]["preprocess"].startswith("InstructPix2Pix's")
+    evaluator = EditEvaluator(
+        get_protocol("magicbrush"), ["CVS"], backbones={"clip": str(tiny_dir / "clip")}
+    )
+    assert evaluator.metric_provenance()["CVS"]["preprocess"].startswith("the CLIP processor")
