@@ -257,7 +257,7 @@ def test_missing_shards_and_columns(tmp_path):
 
 def test_test_split_sessions_and_captions(mb_root):
     root, _ = mb_root
-    records = make(root).build_records("test")
+    records = make(root, caption_source="local").build_records("test")
     assert [r["id"] for r in records] == [
         "magicbrush/100/1", "magicbrush/200/1", "magicbrush/200/2", "magicbrush/200/3",
     ]  # fmt: skip
@@ -271,7 +271,8 @@ def test_test_split_sessions_and_captions(mb_root):
         "global 100 input", "global 200 input", "global 200 output1", "global 200 output2",
     ]  # fmt: skip
     assert all("previous_output_id" not in r for r in records)
-    global_records = make(root, caption_source="global").build_records("test")
+    # The default is the global captions: MGIE's tables and MagicBrush's script.
+    global_records = make(root).build_records("test")
     assert [r["goal_caption"] for r in global_records][2] == "global 200 output2"
     with pytest.raises(ValueError, match="caption_source"):
         make(root, caption_source="short")
@@ -295,7 +296,7 @@ def test_independent_chaining_uses_ground_truth(mb_root):
     assert sample["target_native"].shape == (3, H, W)  # not cropped
     batches = list(dm.test_dataloader())
     assert [len(b["id"]) for b in batches] == [2, 2]
-    assert batches[0]["goal_caption"] == ["local 100 output1", "local 200 output1"]
+    assert batches[0]["goal_caption"] == ["global 100 output1", "global 200 output1"]
 
 
 def test_iterative_mode_turn_batches_and_substitution(mb_root):
