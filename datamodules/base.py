@@ -121,12 +121,30 @@ def read_json_list(path: Path, what: str = "split file") -> list:
     return data
 
 
-def read_expressive(path: Path) -> dict[str, str]:
+def read_expressive(path: Path) -> dict[str, str | dict[str, str]]:
     """`{id: expressive}` from a JSONL file of `{"id", "expressive"}` objects; errors name the
-    file and line."""
-    table: dict[str, str] = {}
-    for record in read_jsonl_manifest(path, path.parent, required=("id", "expressive")):
-        table[str(record["id"])] = str(record["expressive"])
+    file and line.
+
+    A line may also carry `seed` (IPr2Pr's original layout, where an id is a prompt folder
+    holding one image pair per seed and `data expressive` writes one instruction per pair, as
+    the MGIE release's `process_data.ipynb` does per `<prompt>_<seed>`): such ids map to
+    `{str(seed): expressive}`. An id written both with and without a seed is an error.
+    """
+    table: dict[str, str | dict[str, str]] = {}
+    for lineno, record in enumerate(
+        read_jsonl_manifest(path, path.parent, required=("id", "expressive")), start=1
+    ):
+        key, text = str(record["id"]), str(record["expressive"])
+        seed = record.get("seed")
+        previous = table.get(key)
+        if previous is not None and (seed is None) != isinstance(previous, str):
+            raise ValueError(
+                f"{path}, line {lineno}: id {key!r} is written both with and without a 'seed'"
+            )
+        if seed is None:
+            table[key] = text
+        else:
+            table.setdefault(key, {})[str(seed)] = text  # type: ignore[index]
     return table
 
 
@@ -397,10 +415,38 @@ class EditDataModule(L.LightningDataModule):
         return dataset
 
     def attach_expressive(self, records: list[dict], split: str) -> list[dict]:
-        """Fill `expressive` of each record from `expressive_path`, by sample id."""
+        """Fill `expressive` of each record from `expressive_path`, by sample id.
+
+        Per-seed entries (see :func:`read_expressive`) go to records that draw one of several
+        image pairs (`seeds`, IPr2Pr's original layout): the record keeps only the seeds that
+        have an instruction, in their order, and carries `expressive_by_seed`, so the dataset
+        draws only pairs with an instruction and returns the one of the pair it drew. A record
+        none of whose seeds is in the file counts as missing.
+        """
         if self._expressive is None:
             self._expressive = read_expressive(Path(self.expressive_path))
-        missing = [r["id"] for r in records if str(r["id"]) not in self._expressive]
+        table = self._expressive
+        out, missing = [], []
+        for r in records:
+            entry = table.get(str(r["id"]))
+            if entry is None:
+                missing.append(r["id"])
+                out.append(r)
+            elif isinstance(entry, str):
+                out.append({**r, "expressive": entry})
+            elif "seeds" not in r:
+                raise ValueError(
+                    f"{self.expressive_path}: id {r['id']!r} has per-seed expressive "
+                    f"instructions but the {split!r} records of {type(self).__name__} have no "
+                    "seeds (only IPr2Pr's original layout does)"
+                )
+            else:
+                kept = [s for s in r["seeds"] if str(s) in entry]
+                if not kept:
+                    missing.append(r["id"])
+                    out.append(r)
+                else:
+                    out.append({**r, "seeds": kept, "expressive_by_seed": entry})
         if missing and self.on_missing_expressive == "error":
             shown = ", ".join(map(str, missing[:5]))
             raise ValueError(
@@ -408,12 +454,7 @@ class EditDataModule(L.LightningDataModule):
                 f"{len(records)} {split!r} samples (e.g. {shown}); write them with "
                 f"`python -m editbench data expressive` or set on_missing_expressive: keep"
             )
-        return [
-            {**r, "expressive": self._expressive[str(r["id"])]}
-            if str(r["id"]) in self._expressive
-            else r
-            for r in records
-        ]
+        return out
 
     def setup(self, stage: str | None = None) -> None:
         for split in self.splits_for(stage):

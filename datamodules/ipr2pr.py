@@ -107,9 +107,12 @@ class _ResolvingDataset(EditDataset):
         records = self.records
         self.records = _PinnedRecords(records, index, resolved)
         try:
-            return super().__getitem__(index)
+            sample = super().__getitem__(index)
         finally:
             self.records = records
+        if isinstance(sample, dict) and resolved.get("seed") is not None:
+            sample["seed"] = int(resolved["seed"])  # which image pair of the prompt folder
+        return sample
 
 
 class IPr2PrDataset(_ResolvingDataset):
@@ -118,7 +121,13 @@ class IPr2PrDataset(_ResolvingDataset):
     Records hold `id`, `prompt_dir` (absolute) and `seeds`. In training (`random_seed=True`)
     each access draws one seed uniformly with torch's global RNG (which the DataLoader seeds
     per worker); otherwise the first seed is used. `prompt.json` is read here, not at index
-    time, so indexing 313k prompts reads no per-prompt file.
+    time, so indexing 313k prompts reads no per-prompt file. Samples carry the drawn `seed`.
+
+    Expressive instructions are per image pair (the MGIE release's `process_data.ipynb` writes
+    one per `<prompt>_<seed>`): with a per-seed `expressive_path`, the DataModule leaves in
+    `seeds` only the pairs that have an instruction and attaches `expressive_by_seed`, so a
+    sample's `expressive` always describes the pair whose images it returns (pairs without an
+    instruction are never drawn).
 
     Args:
         records: dicts with `id`, `prompt_dir` and a non-empty `seeds` list.
@@ -169,7 +178,9 @@ class IPr2PrDataset(_ResolvingDataset):
             "instruction": prompt["edit"],
             "source_caption": input_caption(prompt),
             "goal_caption": prompt.get("output"),
-            "expressive": record.get("expressive"),
+            "expressive": (record.get("expressive_by_seed") or {}).get(
+                str(seed), record.get("expressive")
+            ),
             "seed": seed,
         }
 

@@ -66,6 +66,11 @@ class EditModel(L.LightningModule):
         weight_decay: AdamW weight decay.
         adam_betas: AdamW betas.
         warmup_steps: linear warm-up steps of the learning rate.
+        warmup_ratio: the warm-up as a share of the run's optimizer steps instead
+            (``trainer.estimated_stepping_batches``, which follows ``max_epochs``/``max_steps``,
+            the data and the accumulation): ``ceil(ratio x total)`` steps, as Hugging Face's
+            ``TrainingArguments.get_warmup_steps`` (the MGIE release's ``--warmup_ratio 0.03``).
+            Not with ``warmup_steps``.
         lr_schedule: ``constant`` or ``cosine`` (to zero at the end of training) after warm-up.
         num_inference_steps: sampler steps in test and predict.
         guidance_scale: αX, the text guidance scale.
@@ -116,6 +121,7 @@ class EditModel(L.LightningModule):
         weight_decay: float = 1e-2,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
+        warmup_ratio: float | None = None,
         lr_schedule: str = "constant",
         num_inference_steps: int = 100,
         guidance_scale: float = 7.5,
@@ -143,7 +149,15 @@ class EditModel(L.LightningModule):
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.adam_betas = tuple(adam_betas)
+        if warmup_ratio is not None:
+            if not 0.0 <= warmup_ratio < 1.0:
+                raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+            if warmup_steps:
+                raise ValueError(
+                    f"give warmup_steps ({warmup_steps}) or warmup_ratio ({warmup_ratio}), not both"
+                )
         self.warmup_steps = warmup_steps
+        self.warmup_ratio = warmup_ratio
         self.lr_schedule = lr_schedule
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
@@ -275,7 +289,7 @@ class EditModel(L.LightningModule):
             groups, lr=self.learning_rate, betas=self.adam_betas, weight_decay=self.weight_decay
         )
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
-        warmup, cosine = self.warmup_steps, self.lr_schedule == "cosine"
+        warmup, cosine = self.resolve_warmup_steps(total), self.lr_schedule == "cosine"
 
         def factor(step: int) -> float:
             if step < warmup:
@@ -290,6 +304,21 @@ class EditModel(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def resolve_warmup_steps(self, total: float) -> int:
+        """``warmup_steps``, or ``ceil(warmup_ratio x total)`` for a run of ``total`` optimizer
+        steps (Hugging Face ``TrainingArguments.get_warmup_steps``); kept in
+        ``self.resolved_warmup_steps``."""
+        warmup = self.warmup_steps
+        if self.warmup_ratio is not None:
+            if not math.isfinite(total) or total <= 0:
+                raise ValueError(
+                    f"warmup_ratio {self.warmup_ratio} needs a finite run length, but the trainer "
+                    f"estimates {total} optimizer steps: set trainer.max_epochs or max_steps"
+                )
+            warmup = math.ceil(total * self.warmup_ratio)
+        self.resolved_warmup_steps = warmup
+        return warmup
 
     # ----------------------------------------------------------------- evaluation
     def _eval_kwargs(self, ids: Sequence[str], steps: int | None = None) -> dict:

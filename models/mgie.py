@@ -3,7 +3,10 @@ Language Models", ICLR 2024).
 
 MGIE (Sec. 3.2-3.3): an MLLM reads the image and the instruction and answers, after the prompt
 ``what will this image be like if <instruction>``, with a concise expressive instruction
-followed by N visual tokens ``[IMG0]..[IMG{N-1}]`` (Eq. 1-2). The edit head T turns the
+followed by N visual tokens ``[IMG0]..[IMG{N-1}]`` (Eq. 1-2). The conversation is the
+release's (``mgie_train.py``): LLaVA's ``vicuna_v1_1`` template with its system prompt, the
+instruction in single quotes and the image after the text (``prompt_template``,
+``chat_template``; :mod:`models.components.mllm`). The edit head T turns the
 last-layer hidden states of the [IMG] tokens (plus their word embeddings) into 77 guidance
 vectors U (Eq. 3), which replace the CLIP text condition of the InstructPix2Pix diffusion model
 F (Eq. 4-5). Training is end to end (Eq. 6)::
@@ -48,6 +51,8 @@ from models.inspix2pix import InsPix2Pix
 
 Guidance = Literal["edit_head", "text", "encoder"]
 GUIDANCES = ("edit_head", "text", "encoder")
+TrainTargets = Literal["data", "derived"]
+TRAIN_TARGETS = ("data", "derived")
 
 
 class MGIE(InsPix2Pix):
@@ -64,7 +69,8 @@ class MGIE(InsPix2Pix):
             (96, the released ``demo.ipynb``).
         no_repeat_ngram_size: n-gram blocking in decoding (3, the released ``demo.ipynb``;
             0 off).
-        instruction_loss_weight: w_ins (0 is the paper's "- L_ins" ablation).
+        instruction_loss_weight: w_ins (0 with ``train_targets: derived`` is the paper's
+            "- L_ins" ablation, Table 7).
         edit_loss_weight: w_edit (0.5).
         mllm_learning_rate: the learning rate of the MLLM side (word embeddings, LM head,
             edit head); ``learning_rate`` is the diffusion model's.
@@ -93,7 +99,22 @@ class MGIE(InsPix2Pix):
             and the frozen CLIP text encoder's embedding of the instruction (Koh et al.,
             2023, whose mapper MGIE's edit head is). 0 in MGIE (Eq. 6); it gives the edit head
             a condition the UNet already reads from the first step.
-        prompt_template: the prompt around the instruction.
+        prompt_template: the prompt around the instruction (default the release's query text,
+            ``what will this image be like if '<instruction>'``: ``mgie_train.py``).
+        chat_template: the conversation around the prompt, with ``{prompt}`` (and ``<image>``
+            when visual); ``None``: the release's ``vicuna_v1_1`` conversation, the image after
+            the text (MGIE), or the same without the image (LGIE); see
+            :mod:`models.components.mllm`.
+        hidden_position: ``preceding`` (the release: the states that predict the [IMG]
+            tokens) or ``token``; see :class:`MLLM`.
+        new_token_init: ``normal`` (the release) or ``mean``; see :class:`MLLM`.
+        train_targets: what the [IMG] tokens follow in training. ``data``: the data's
+            (summarised) expressive instruction, teacher-forced (L_ins). ``derived``: MGIE
+            Table 7's "- L_ins": no summaries in training; the MLLM derives its own, full guidance
+            (greedy, up to ``max_new_tokens``, no gradient) and L_edit trains through one
+            forward pass over prompt + guidance + [IMG] tokens ("Without L_ins, it will derive
+            full but lengthy guidance to lead L_edit", Appendix). Needs
+            ``instruction_loss_weight`` 0 and ``guidance`` ``edit_head``.
         **kwargs: :class:`InsPix2Pix` / :class:`EditModel` arguments.
     """
 
@@ -126,11 +147,23 @@ class MGIE(InsPix2Pix):
         unet_init_from: str | None = None,
         align_loss_weight: float = 0.0,
         prompt_template: str = PROMPT_TEMPLATE,
+        chat_template: str | None = None,
+        hidden_position: str = "preceding",
+        new_token_init: str = "normal",
+        train_targets: TrainTargets = "data",
         **kwargs,
     ) -> None:
         super().__init__(diffusion_path, weight_decay=weight_decay, **kwargs)
         if guidance not in GUIDANCES:
             raise ValueError(f"guidance must be one of {GUIDANCES}, got {guidance!r}")
+        if train_targets not in TRAIN_TARGETS:
+            raise ValueError(f"train_targets must be one of {TRAIN_TARGETS}, got {train_targets!r}")
+        if train_targets == "derived" and (instruction_loss_weight != 0 or guidance != "edit_head"):
+            raise ValueError(
+                "train_targets 'derived' (MGIE Table 7, '- L_ins') trains without targets: it "
+                f"needs instruction_loss_weight 0 (got {instruction_loss_weight}) and guidance "
+                f"'edit_head' (got {guidance!r})"
+            )
         if guidance == "text" and kwargs.get("train_text_encoder"):
             raise ValueError("guidance 'text' keeps InsPix2Pix's CLIP text encoder frozen")
         self.save_hyperparameters()
@@ -161,6 +194,10 @@ class MGIE(InsPix2Pix):
         self.unet_init_from = unet_init_from
         self.align_loss_weight = align_loss_weight
         self.prompt_template = prompt_template
+        self.chat_template = chat_template
+        self.hidden_position = hidden_position
+        self.new_token_init = new_token_init
+        self.train_targets = train_targets
         self.mllm: MLLM | None = None
         self.edit_head: EditHead | None = None
         self.instruction_projection: torch.nn.Linear | None = None
@@ -180,6 +217,9 @@ class MGIE(InsPix2Pix):
             visual=self.visual,
             max_new_tokens=self.max_new_tokens,
             prompt_template=self.prompt_template,
+            chat_template=self.chat_template,
+            hidden_position=self.hidden_position,
+            new_token_init=self.new_token_init,
             gradient_checkpointing=self.gradient_checkpointing,
             torch_dtype=self.mllm_dtype,
             no_repeat_ngram_size=self.no_repeat_ngram_size,
@@ -339,6 +379,8 @@ class MGIE(InsPix2Pix):
                 batch["source"], batch["target"], cond, null, generator=generator
             )
             return {"loss": out.loss, "loss_edit": out.loss.detach()}
+        if self.train_targets == "derived":  # Table 7 "- L_ins": the model's own guidance
+            return self._derived_losses(batch, generator)
         if "expressive" not in batch or any(e is None for e in batch["expressive"]):
             raise KeyError(
                 "MGIE trains on expressive instructions: the batch has no 'expressive' for "
@@ -368,6 +410,20 @@ class MGIE(InsPix2Pix):
             loss = loss + self.align_loss_weight * align
             terms["loss_align"] = align.detach()
         return {"loss": loss, **terms}
+
+    def _derived_losses(self, batch: dict, generator: torch.Generator | None) -> dict:
+        """MGIE Table 7 "- L_ins": no expressive targets; the edit head reads the [IMG] states
+        after the guidance the MLLM derives itself, and only L_edit trains."""
+        source = batch["source"]
+        derived = self.mllm.derive(self._images_for_mllm(source), list(batch["instruction"]))
+        cond, null = self.guidance_from(derived.img_hidden, derived.img_embeds)
+        edit = self.diffusion.loss(source, batch["target"], cond, null, generator=generator)
+        tokens = sum(len(ids) - self.num_img_tokens for ids in derived.token_ids)
+        return {
+            "loss": self.edit_loss_weight * edit.loss,
+            "loss_edit": edit.loss.detach(),
+            "guidance_tokens": torch.tensor(tokens / len(derived.token_ids), device=self.device),
+        }
 
     # ------------------------------------------------------------------ evaluation
     def on_test_epoch_start(self) -> None:

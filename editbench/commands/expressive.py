@@ -1,17 +1,43 @@
-"""``python -m editbench data expressive``: write MGIE's expressive instructions for a split.
+"""``python -m editbench data expressive``: write MGIE's (or LGIE's) expressive instructions.
 
 MGIE (Sec. 3.1, "Concise Expressive Instruction", Eq. 2) derives the target of its instruction
-loss L_ins in two steps: the MLLM, given the input image, narrates the edit from the prompt
-"what will this image be like if [instruction]" (the released data asks for it "in a short
-paragraph"), and a pre-trained Flan-T5 summariser (footnote 1) shortens the narration to a
-concise expressive instruction E (about 32 words). This command runs both models greedily over a
-configured split and writes one JSON line per sample::
+loss L_ins in two steps: the MLLM, given the input image, narrates the edit, and a summariser
+(footnote 1: Flan-T5-XXL fine-tuned for summarisation) shortens the narration to a concise
+expressive instruction E. By default every step is the release's (``apple/ml-mgie``,
+``process_data.ipynb``, cells 1-4):
 
-    {"id": ..., "expressive": <summary>, "instruction": ..., "narration": <MLLM output>}
+1. narration prompt: ``"what will this image be like if '%s'  (in a short paragraph)"`` (the
+   instruction quoted, two spaces before the parenthesis), followed by ``"\n"`` and the image,
+   inside LLaVA's ``vicuna_v1_1`` conversation (LLaVA 7ace501, ``llava/conversation.py``: its
+   system prompt, ``" USER: "``, ``" ASSISTANT:"``) -- :data:`PROMPT_TEMPLATE`;
+2. greedy decoding of up to 1,024 new tokens (``max_new_tokens=1024``);
+3. ``remove_alter``: the narration cut before the first "alternative" (any case) and kept to
+   its first two "."-separated sentences (:func:`cut_narration`);
+4. the summariser ``jordiclive/flan-t5-11b-summarizer-filtered`` (the release's checkpoint;
+   :data:`RELEASE_SUMMARIZER`) on ``"summarize the following paragraph in 32
+   words:\n\n%s"``, with ``num_beams=5, min_length=5, max_length=64,
+   no_repeat_ngram_size=3``, no sampling, input truncated.
+
+Each is an option (the release value the default). The release writes one instruction per
+image pair (``item = <prompt folder>_<seed>``): for IPr2Pr's original layout this command does
+the same, one line per (prompt folder, seed), with ``seed`` in the line; the DataModule then
+gives each training pair its own instruction (see ``IPr2PrDataset``).
+
+``--llm PATH`` (instead of ``--mllm``) is LGIE's text-only mode: a LLaMA/Vicuna causal LM from a
+local folder narrates from the instruction alone, without the image (MGIE Sec. 4.1, Baselines:
+LGIE adopts LLaMA-7B "for expressive instructions E from instruction-only inputs but without
+visual perception"),
+in the same conversation without the image (:data:`TEXT_PROMPT_TEMPLATE`). LGIE configs read
+that file (``expressive_lgie.jsonl``), MGIE configs the image-grounded one.
+
+One JSON line per sample (or image pair)::
+
+    {"id": ..., ["seed": ...,] "expressive": <summary>, "instruction": ...,
+     "narration": <cut narration the summariser read>, "narration_full": <decoded output>}
 
 which ``EditDataModule(expressive_path=...)`` reads back. Lines are appended and flushed after
-every batch; a rerun skips the ids already written, so a killed run resumes where it stopped (a
-half-written last line is dropped with a warning).
+every batch; a rerun skips the (id, seed) pairs already written, so a killed run resumes where
+it stopped (a half-written last line is dropped with a warning).
 """
 
 from __future__ import annotations
@@ -29,25 +55,50 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from datamodules.base import EditDataModule, build_transform
 
-#: LLaVA-1.5's conversation format (``USER: <image>\n... ASSISTANT:``), which the tiny LLaVA
-#: tokenises the same way; the question is MGIE's prompt (Sec. 3.1) with the released data's
-#: "(in a short paragraph)".
-PROMPT_TEMPLATE = (
-    "USER: <image>\nwhat will this image be like if {instruction} (in a short paragraph) "
-    "ASSISTANT:"
+#: LLaVA's ``conv_vicuna_v1_1.system`` (LLaVA 7ace501, ``llava/conversation.py``), the
+#: conversation ``process_data.ipynb`` narrates in (``conv_templates['vicuna_v1_1']``).
+VICUNA_V1_1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-#: Flan-T5's summarisation task prefix.
-SUMMARY_TEMPLATE = "summarize: {narration}"
-#: Flan-T5 was trained on inputs of at most 512 tokens; longer narrations are truncated.
+#: The release's narration question (``process_data.ipynb``, cell 4), verbatim: the
+#: instruction in single quotes and two spaces before "(in a short paragraph)".
+NARRATION_QUESTION = "what will this image be like if '{instruction}'  (in a short paragraph)"
+#: ``vicuna_v1_1.get_prompt()`` of one user turn (the question, ``"\n"``, the image) and an
+#: open assistant turn: ``system + " USER: " + text + " ASSISTANT:"`` (separator ``" "``).
+#: ``<image>`` is the llava-hf processor's image placeholder (the release writes
+#: ``<im_start>`` + 256 ``<im_patch>`` + ``<im_end>`` there).
+PROMPT_TEMPLATE = VICUNA_V1_1_SYSTEM + " USER: " + NARRATION_QUESTION + "\n<image> ASSISTANT:"
+#: LGIE's text-only narration: the same conversation without the image.
+TEXT_PROMPT_TEMPLATE = VICUNA_V1_1_SYSTEM + " USER: " + NARRATION_QUESTION + " ASSISTANT:"
+#: The release's summariser input (``process_data.ipynb``, cell 4).
+SUMMARY_TEMPLATE = "summarize the following paragraph in 32 words:\n\n{narration}"
+#: The release's summariser (``process_data.ipynb``, cell 3): Flan-T5-XXL (11B) fine-tuned for
+#: summarisation, the paper's "Flan-T5-XXL" (MGIE footnote 1).
+RELEASE_SUMMARIZER = "jordiclive/flan-t5-11b-summarizer-filtered"
+#: Flan-T5 was trained on inputs of at most 512 tokens; longer narrations are truncated (the
+#: release passes ``truncation=True``: the tokenizer's 512-token limit).
 SUMMARY_MAX_INPUT_TOKENS = 512
+#: The release's generation settings (``process_data.ipynb``, cell 4).
+NARRATION_MAX_NEW_TOKENS = 1024
+CUT_AT = "alternative"
+MAX_SENTENCES = 2
+SUMMARY_NUM_BEAMS = 5
+SUMMARY_MIN_LENGTH = 5
+SUMMARY_MAX_LENGTH = 64
+SUMMARY_NO_REPEAT_NGRAM = 3
 
 _MLLM_WHAT = (
     "a LLaVA checkpoint in the llava-hf layout, e.g. `llava-hf/llava-1.5-7b-hf` "
     "(LlavaForConditionalGeneration weights + config.json and the LlavaProcessor files)"
 )
+_LLM_WHAT = (
+    "a LLaMA checkpoint in the transformers layout, e.g. LLaMA-7B (MGIE Sec. 4.1, LGIE) "
+    "(LlamaForCausalLM weights + config.json and the tokenizer files)"
+)
 _SUMMARIZER_WHAT = (
-    "a Flan-T5 checkpoint, e.g. `google/flan-t5-xxl` (T5ForConditionalGeneration weights + "
-    "config.json and the tokenizer files)"
+    f"a Flan-T5 checkpoint, e.g. the release's `{RELEASE_SUMMARIZER}` (T5ForConditionalGeneration "
+    "weights + config.json and the tokenizer files)"
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,11 +141,22 @@ def _members(dm: EditDataModule) -> list[EditDataModule]:
     return list(getattr(dm, "members", None) or [dm])
 
 
-def eval_dataset(dm: EditDataModule, split: str) -> tuple[Dataset, list[str]]:
-    """The samples of ``split`` in order, with the evaluation transform (center crop, no flip)
-    even for ``train``, and the ids, read from the records without decoding an image.
+#: One output line's key: (id, seed), seed None where the dataset has none.
+Key = tuple[str, str | None]
 
-    Expressive instructions are not attached: this may be the command that writes them.
+
+def eval_dataset(
+    dm: EditDataModule, split: str, per_pair: bool = False
+) -> tuple[Dataset, list[Key]]:
+    """The samples of ``split`` in order, with the evaluation transform (center crop, no flip)
+    even for ``train``, and their keys ``(id, seed)``, read from the records without decoding
+    an image.
+
+    With ``per_pair``, IPr2Pr's original layout (records with several ``seeds``) is expanded
+    to one sample per image pair, in seed order, as the release derives one instruction per pair
+    (``process_data.ipynb``: ``for img in glob(<prompt>/*_0.jpg)``); other datasets give one
+    sample per record with seed None. Expressive instructions are not attached: this may be the
+    command that writes them.
     """
     dm.prepare_data()
     members = _members(dm)
@@ -110,22 +172,34 @@ def eval_dataset(dm: EditDataModule, split: str) -> tuple[Dataset, list[str]]:
         pairs = list(zip(dataset.datasets, members, strict=True))
     else:
         pairs = [(dataset, dm)]
-    ids = []
+    keys: list[Key] = []
     for part, member in pairs:
         part.transform = build_transform(member.resolution, False, False, 0.0)
-        ids += [str(r["id"]) for r in part.records]
-    return dataset, ids
+        if per_pair and any("seeds" in r for r in part.records):
+            part.records = [{**r, "seeds": [seed]} for r in part.records for seed in r["seeds"]]
+        keys += [
+            (str(r["id"]), str(r["seeds"][0]) if per_pair and r.get("seeds") else None)
+            for r in part.records
+        ]
+    if isinstance(dataset, ConcatDataset):  # the parts' lengths may have grown
+        dataset = ConcatDataset(dataset.datasets)
+    return dataset, keys
+
+
+def _show(key: Key) -> str:
+    return repr(key[0]) if key[1] is None else f"{key[0]!r} seed {key[1]}"
 
 
 # --------------------------------------------------------------------------- output file
 
 
-def read_written(path: Path) -> dict[str, int]:
-    """``{id: line number}`` of the records already in ``path`` (empty if it does not exist).
+def read_written(path: Path) -> dict[Key, int]:
+    """``{(id, seed): line number}`` of the records already in ``path`` (empty if it does not
+    exist; seed None for lines without one).
 
     A last line cut off by a killed run (no newline and not valid JSON) is removed from the file
-    with a warning. Invalid JSON elsewhere, a record without ``id``/``expressive`` or an id
-    written twice raises :class:`CommandInputError` naming the file and lines.
+    with a warning. Invalid JSON elsewhere, a record without ``id``/``expressive`` or an
+    (id, seed) written twice raises :class:`CommandInputError` naming the file and lines.
     """
     if not path.exists():
         return {}
@@ -148,7 +222,7 @@ def read_written(path: Path) -> dict[str, int]:
             with path.open("ab") as f:
                 f.write(b"\n")
             complete.append(tail)
-    seen: dict[str, int] = {}
+    seen: dict[Key, int] = {}
     for lineno, raw in enumerate(complete, start=1):
         if not raw.strip():
             continue
@@ -158,23 +232,24 @@ def read_written(path: Path) -> dict[str, int]:
             raise CommandInputError(f"{path}, line {lineno}: not valid JSON ({err})") from err
         if not isinstance(record, dict) or "id" not in record or "expressive" not in record:
             raise CommandInputError(f"{path}, line {lineno}: expected an object with id/expressive")
-        key = str(record["id"])
+        seed = record.get("seed")
+        key = (str(record["id"]), None if seed is None else str(seed))
         if key in seen:
             raise CommandInputError(
-                f"{path}: id {key!r} appears twice (lines {seen[key]} and {lineno}); remove one "
-                "of them before resuming"
+                f"{path}: id {_show(key)} appears twice (lines {seen[key]} and {lineno}); remove "
+                "one of them before resuming"
             )
         seen[key] = lineno
     return seen
 
 
-def check_unique(ids: Sequence[str], split: str) -> None:
-    """The split's ids must be unique: the output is keyed by id."""
+def check_unique(keys: Sequence[Key], split: str) -> None:
+    """The split's (id, seed) keys must be unique: the output is keyed by them."""
     seen, dupes = set(), []
-    for i in ids:
-        if i in seen:
-            dupes.append(i)
-        seen.add(i)
+    for k in keys:
+        if k in seen:
+            dupes.append(k[0] if k[1] is None else k)
+        seen.add(k)
     if dupes:
         raise CommandInputError(
             f"the {split!r} split has duplicate ids ({len(dupes)}, e.g. {dupes[:5]}); "
@@ -195,20 +270,34 @@ def _check_folder(path: str | Path, option: str, what: str) -> Path:
     return folder
 
 
+def _left_padded(tokenizer):
+    tokenizer.padding_side = "left"  # generation continues every row from its last token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_mllm(path: str | Path, device: str, dtype: torch.dtype):
     """``(LlavaForConditionalGeneration, processor)`` from a local folder, eval, left padding."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     folder = _check_folder(path, "--mllm", _MLLM_WHAT)
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"  # generation continues every row from its last token
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _left_padded(processor.tokenizer)
     model = LlavaForConditionalGeneration.from_pretrained(
         folder, local_files_only=True, dtype=dtype
     )
     return model.to(device).eval(), processor
+
+
+def load_llm(path: str | Path, device: str, dtype: torch.dtype):
+    """``(AutoModelForCausalLM, tokenizer)`` of a LLaMA folder (LGIE's text-only narrator)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _check_folder(path, "--llm", _LLM_WHAT)
+    tokenizer = _left_padded(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
+    return model.to(device).eval(), tokenizer
 
 
 def load_summarizer(path: str | Path, device: str, dtype: torch.dtype):
@@ -227,24 +316,71 @@ def to_uint8(images: torch.Tensor) -> list[torch.Tensor]:
     return list(pixels.cpu())
 
 
+def narration_inputs(processor, images, instructions: Sequence[str], template: str) -> dict:
+    """The model inputs of the narration prompts: a LLaVA processor with the images, or (LGIE,
+    ``images`` None) a tokenizer alone. Both add the tokenizer's BOS, as the release's
+    ``tokenizer(txt)`` does."""
+    prompts = [template.format(instruction=i) for i in instructions]
+    if images is None:
+        return dict(processor(prompts, return_tensors="pt", padding=True))
+    return dict(processor(images=to_uint8(images), text=prompts, return_tensors="pt", padding=True))
+
+
 @torch.no_grad()
 def narrate(
     model,
     processor,
-    images: torch.Tensor,
+    images: torch.Tensor | None,
     instructions: Sequence[str],
     template: str = PROMPT_TEMPLATE,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = NARRATION_MAX_NEW_TOKENS,
 ) -> list[str]:
-    """The MLLM's greedy narration of each edit (MGIE Sec. 3.1: MLLM*([prompt, X] | V)); only
-    the newly generated tokens are decoded."""
-    prompts = [template.format(instruction=i) for i in instructions]
-    inputs = processor(images=to_uint8(images), text=prompts, return_tensors="pt", padding=True)
+    """The (M)LLM's greedy narration of each edit (MGIE Sec. 3.1: MLLM*([prompt, X] | V); the
+    release: ``do_sample=False, max_new_tokens=1024``); only the newly generated tokens are
+    decoded, special tokens skipped (the release's cut at ``ASSISTANT:`` and ``</s>``)."""
+    inputs = narration_inputs(processor, images, instructions, template)
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
     new = out[:, inputs["input_ids"].shape[1] :]
-    return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def cut_narration(text: str, cut_at: str = CUT_AT, max_sentences: int = MAX_SENTENCES) -> str:
+    """The release's ``remove_alter`` (``process_data.ipynb``, cell 1) on a decoded narration.
+
+    Cut before the first ``cut_at`` (case-insensitive; ``""`` disables it) and before
+    ``[IMG0]``; split at ``"."``, keep the first ``max_sentences`` pieces (0 keeps all), strip
+    each and join them with ``"."`` -- as the release does, which drops the space after a kept
+    period ("A. B. C" -> "A.B.") -- and end with a period. An empty narration stays empty (the
+    release would fail on it).
+    """
+    if cut_at and cut_at.lower() in text.lower():
+        text = text[: text.lower().index(cut_at.lower())]
+    if "[IMG0]" in text:
+        text = text[: text.index("[IMG0]")]
+    pieces = text.split(".")
+    if max_sentences > 0:
+        pieces = pieces[:max_sentences]
+    text = ".".join(piece.strip() for piece in pieces)
+    if text and text[-1] != ".":
+        text += "."
+    return text.strip()
+
+
+def summary_kwargs(args: argparse.Namespace) -> dict:
+    """The summariser's ``generate`` settings (release: ``num_beams=5, min_length=5,
+    max_length=64, do_sample=False, no_repeat_ngram_size=3``; lengths count decoder tokens,
+    as the summarization pipeline passes them)."""
+    return {
+        "num_beams": args.summary_num_beams,
+        "min_length": args.summary_min_length,
+        "max_length": args.summary_max_length,
+        "no_repeat_ngram_size": args.summary_no_repeat_ngram_size,
+        "do_sample": False,
+    }
 
 
 @torch.no_grad()
@@ -253,9 +389,17 @@ def summarize(
     tokenizer,
     narrations: Sequence[str],
     template: str = SUMMARY_TEMPLATE,
-    max_new_tokens: int = 48,
+    generate_kwargs: dict | None = None,
 ) -> list[str]:
-    """Greedy Flan-T5 summaries of the narrations (MGIE Eq. 2: E = Summ(MLLM*(...)))."""
+    """Flan-T5 summaries of the narrations (MGIE Eq. 2: E = Summ(MLLM*(...))), decoded as the
+    release's ``pipeline('summarization')`` (special tokens skipped, stripped)."""
+    kwargs = generate_kwargs or {
+        "num_beams": SUMMARY_NUM_BEAMS,
+        "min_length": SUMMARY_MIN_LENGTH,
+        "max_length": SUMMARY_MAX_LENGTH,
+        "no_repeat_ngram_size": SUMMARY_NO_REPEAT_NGRAM,
+        "do_sample": False,
+    }
     inputs = tokenizer(
         [template.format(narration=n) for n in narrations],
         return_tensors="pt",
@@ -263,7 +407,7 @@ def summarize(
         truncation=True,
         max_length=SUMMARY_MAX_INPUT_TOKENS,
     ).to(model.device)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    out = model.generate(**inputs, **kwargs)
     return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
@@ -271,73 +415,134 @@ def summarize(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``data expressive`` (other ``--data.*`` flags are config overrides)."""
+    """The options of ``data expressive`` (other ``--data.*`` flags are config overrides).
+
+    Defaults are the MGIE release's (``apple/ml-mgie``, ``process_data.ipynb``)."""
     parser.add_argument(
         "-c", "--config", required=True, help="a fit config (its data section is used)"
     )
     parser.add_argument("--split", default="train", choices=("train", "val", "test"))
-    parser.add_argument("--mllm", required=True, help="local LLaVA folder (llava-hf layout)")
-    parser.add_argument("--summarizer", required=True, help="local Flan-T5 folder")
+    narrator = parser.add_mutually_exclusive_group(required=True)
+    narrator.add_argument(
+        "--mllm", help="local LLaVA folder (llava-hf layout): MGIE's image-grounded targets"
+    )
+    narrator.add_argument(
+        "--llm",
+        help="local LLaMA folder (the paper: LLaMA-7B): LGIE's text-only targets (no image; e.g. "
+        "--out expressive_lgie.jsonl)",
+    )
+    parser.add_argument(
+        "--summarizer",
+        required=True,
+        help=f"local Flan-T5 folder (the release's: {RELEASE_SUMMARIZER}, Flan-T5-XXL fine-tuned "
+        "for summarisation)",
+    )
     parser.add_argument("--out", required=True, help="JSONL file to write (appended, resumable)")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=128, help="narration tokens")
-    parser.add_argument("--summary_max_tokens", type=int, default=48, help="summary tokens")
+    parser.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=NARRATION_MAX_NEW_TOKENS,
+        help="narration tokens (release: 1024)",
+    )
+    parser.add_argument(
+        "--cut_at", default=CUT_AT, help="cut the narration before this word (release: alternative)"
+    )
+    parser.add_argument(
+        "--max_sentences",
+        type=int,
+        default=MAX_SENTENCES,
+        help="keep the narration's first N sentences (release: 2; 0 keeps all)",
+    )
+    parser.add_argument("--summary_num_beams", type=int, default=SUMMARY_NUM_BEAMS)
+    parser.add_argument("--summary_min_length", type=int, default=SUMMARY_MIN_LENGTH)
+    parser.add_argument("--summary_max_length", type=int, default=SUMMARY_MAX_LENGTH)
+    parser.add_argument("--summary_no_repeat_ngram_size", type=int, default=SUMMARY_NO_REPEAT_NGRAM)
     parser.add_argument("--limit", type=int, default=None, help="write at most N new samples")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument(
-        "--prompt_template", default=PROMPT_TEMPLATE, help="with {instruction} and <image>"
+        "--prompt_template",
+        default=None,
+        help="with {instruction} (and <image> with --mllm); default: the release's Vicuna v1.1 "
+        "conversation (without the image for --llm)",
     )
-    parser.add_argument(
-        "--summary_template", default=SUMMARY_TEMPLATE, help="with {narration}"
-    )
+    parser.add_argument("--summary_template", default=SUMMARY_TEMPLATE, help="with {narration}")
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.prompt_template is None:
+        args.prompt_template = TEXT_PROMPT_TEMPLATE if args.llm else PROMPT_TEMPLATE
     if "{instruction}" not in args.prompt_template:
         raise CommandInputError("--prompt_template must contain {instruction}")
     if "{narration}" not in args.summary_template:
         raise CommandInputError("--summary_template must contain {narration}")
-    for name in ("batch_size", "max_new_tokens", "summary_max_tokens"):
+    for name in ("batch_size", "max_new_tokens", "summary_num_beams", "summary_max_length"):
         if getattr(args, name) < 1:
             raise CommandInputError(f"--{name} must be at least 1")
+    for name in ("max_sentences", "summary_min_length", "summary_no_repeat_ngram_size"):
+        if getattr(args, name) < 0:
+            raise CommandInputError(f"--{name} must not be negative")
+    if args.summary_min_length > args.summary_max_length:
+        raise CommandInputError("--summary_min_length must not exceed --summary_max_length")
     if args.limit is not None and args.limit < 0:
         raise CommandInputError("--limit must not be negative")
 
 
 class ExpressiveWriter:
-    """The LLaVA narrator and Flan-T5 summariser, turning batches into output records."""
+    """The narrator (LLaVA, or LLaMA without the image) and the Flan-T5 summariser, turning
+    batches into output records."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         dtype = DTYPES[args.dtype]
-        self.mllm, self.processor = load_mllm(args.mllm, args.device, dtype)
+        self.text_only = bool(args.llm)
+        if self.text_only:
+            self.narrator, self.processor = load_llm(args.llm, args.device, dtype)
+            if "<image>" in args.prompt_template:
+                raise CommandInputError(
+                    "--prompt_template has <image> but --llm narrates without the image"
+                )
+        else:
+            self.narrator, self.processor = load_mllm(args.mllm, args.device, dtype)
+            if self.processor.image_token not in args.prompt_template:
+                raise CommandInputError(
+                    f"--prompt_template must contain {self.processor.image_token!r}"
+                )
         self.summarizer, self.tokenizer = load_summarizer(args.summarizer, args.device, dtype)
-        if self.processor.image_token not in args.prompt_template:
-            raise CommandInputError(
-                f"--prompt_template must contain {self.processor.image_token!r}"
-            )
         self.args = args
 
     def records(self, batch: dict) -> list[dict]:
-        """``{"id", "expressive", "instruction", "narration"}`` per kept sample of a batch."""
+        """``{"id", ["seed",] "expressive", "instruction", "narration", "narration_full"}`` per
+        kept sample of a batch."""
         a = self.args
-        narrations = narrate(
-            self.mllm,
+        full = narrate(
+            self.narrator,
             self.processor,
-            batch["source"],
+            None if self.text_only else batch["source"],
             batch["instruction"],
             a.prompt_template,
             a.max_new_tokens,
         )
+        narrations = [cut_narration(n, a.cut_at, a.max_sentences) for n in full]
         summaries = summarize(
-            self.summarizer, self.tokenizer, narrations, a.summary_template, a.summary_max_tokens
+            self.summarizer, self.tokenizer, narrations, a.summary_template, summary_kwargs(a)
         )
-        return [
-            {"id": key, "expressive": summary, "instruction": instruction, "narration": narration}
-            for key, instruction, narration, summary in zip(
-                batch["id"], batch["instruction"], narrations, summaries, strict=True
+        seeds = batch.get("seed") or [None] * len(batch["id"])
+        out = []
+        for key, seed, instruction, narration, whole, summary in zip(
+            batch["id"], seeds, batch["instruction"], narrations, full, summaries, strict=True
+        ):
+            record: dict = {"id": key}
+            if seed is not None:
+                record["seed"] = int(seed)
+            record.update(
+                expressive=summary,
+                instruction=instruction,
+                narration=narration,
+                narration_full=whole,
             )
-        ]
+            out.append(record)
+        return out
 
 
 def write_expressive(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, int]:
@@ -346,21 +551,22 @@ def write_expressive(args: argparse.Namespace, overrides: Sequence[str]) -> dict
 
     _check_args(args)
     dm = datamodule_from_config(args.config, overrides)
-    dataset, ids = eval_dataset(dm, args.split)
-    check_unique(ids, args.split)
+    dataset, keys = eval_dataset(dm, args.split, per_pair=True)
+    check_unique(keys, args.split)
     out = Path(args.out)
     already = read_written(out)
-    todo = [i for i, key in enumerate(ids) if key not in already]
-    counts = {"written": 0, "skipped": len(ids) - len(todo), "bad": 0, "total": len(ids)}
+    todo = [i for i, key in enumerate(keys) if key not in already]
+    counts = {"written": 0, "skipped": len(keys) - len(todo), "bad": 0, "total": len(keys)}
     todo = todo if args.limit is None else todo[: args.limit]
     if not todo:
         return counts
     writer = ExpressiveWriter(args)
     loader = DataLoader(Subset(dataset, todo), batch_size=args.batch_size, collate_fn=dm.collate_fn)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a", encoding="utf-8") as f, tqdm(
-        total=len(todo), desc=f"expressive {args.split}", unit="sample"
-    ) as bar:
+    with (
+        out.open("a", encoding="utf-8") as f,
+        tqdm(total=len(todo), desc=f"expressive {args.split}", unit="sample") as bar,
+    ):
         for batch in loader:
             bad = len(batch.get("skipped_ids") or [])
             records = writer.records(batch) if batch["id"] else []

@@ -29,9 +29,20 @@ Facts taken from the released code (apple/ml-mgie: ``mgie_train.py``, ``mgie_lla
   when ``[IMG0]`` was never generated. Here a row that did not generate all N tokens in order gets
   them appended after its text instead, and one extra forward pass over prompt + text + [IMG]
   tokens gives the hidden states (see :meth:`MLLM.generate`).
-- The released prompt differs in form from ours: a Vicuna system prompt, the instruction in
-  single quotes, the image tokens after the text. ``prompt_template`` and ``chat_template``
-  can reproduce it; the defaults are the brief's LLaVA-1.5 style.
+- Conversation (the defaults here): the release trains on LLaVA's ``vicuna_v1_1`` template
+  (``mgie_train.py``: ``conv_templates["vicuna_v1_1"]`` for ``--version v1``; LLaVA commit
+  7ace501 ``llava/conversation.py``: the system prompt below, roles ``USER``/``ASSISTANT``,
+  separator " ", turns ended by ``</s>``) with the query
+  ``"what will this image be like if '%s'\n<image>"`` (``mgie_train.py``
+  ``LazySupervisedDataset``): the instruction in single quotes, the image after the text.
+  One training sample is therefore
+  ``"<system> USER: what will this image be like if '<instruction>'\n<image> ASSISTANT:
+  <expressive> [IMG0] ... [IMG7]</s>"``; :data:`PROMPT_TEMPLATE` is the query's text and
+  :data:`VISUAL_CHAT_TEMPLATE` the conversation around it. The release's ``<image>`` becomes
+  ``<im_start>`` + 256 ``<im_patch>`` + ``<im_end>`` (LLaVA v1, ``mm_use_im_start_end``);
+  in the llava-hf layout read here the processor expands ``<image>`` to its image tokens.
+  LGIE (no release code) takes the same conversation without the image
+  (:data:`TEXT_CHAT_TEMPLATE`).
 """
 
 from __future__ import annotations
@@ -51,9 +62,19 @@ from models.components.lm_loading import (
     load_language_model,
 )
 
-PROMPT_TEMPLATE = "what will this image be like if {instruction}"
-VISUAL_CHAT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
-TEXT_CHAT_TEMPLATE = "USER: {prompt} ASSISTANT:"
+#: LLaVA's ``conv_vicuna_v1_1.system`` (LLaVA 7ace501, ``llava/conversation.py``), the
+#: conversation the MGIE release trains and infers with (``mgie_train.py``, ``demo.ipynb``).
+VICUNA_V1_1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+#: The release's query text (``mgie_train.py``, ``demo.ipynb``): the instruction in quotes.
+PROMPT_TEMPLATE = "what will this image be like if '{instruction}'"
+#: ``vicuna_v1_1.get_prompt()`` for one user turn and an open assistant turn (separator " "),
+#: the image after the text as the release's query ``"...'%s'\n<image>"``.
+VISUAL_CHAT_TEMPLATE = VICUNA_V1_1_SYSTEM + " USER: {prompt}\n<image> ASSISTANT:"
+#: LGIE: the same conversation without the image.
+TEXT_CHAT_TEMPLATE = VICUNA_V1_1_SYSTEM + " USER: {prompt} ASSISTANT:"
 IGNORE_INDEX = -100
 HIDDEN_POSITIONS = ("preceding", "token")
 NEW_TOKEN_INITS = ("normal", "mean")
@@ -103,7 +124,7 @@ class MLLM(nn.Module):
         num_img_tokens: N (8 in MGIE, after GILL).
         visual: read the image (MGIE) or the instruction only (LGIE; ``images`` arguments are
             then ignored, so the same batches work for both).
-        max_new_tokens: default generation budget (96 in the released demo).
+        max_new_tokens: default generation budget (96: the release's ``demo.ipynb``).
         prompt_template: the prompt around the instruction (``{instruction}``).
         chat_template: the conversation around the prompt (``{prompt}``; with ``<image>`` when
             ``visual``); ``None`` takes :data:`VISUAL_CHAT_TEMPLATE` or :data:`TEXT_CHAT_TEMPLATE`.
@@ -120,7 +141,7 @@ class MLLM(nn.Module):
         *,
         num_img_tokens: int = 8,
         visual: bool = True,
-        max_new_tokens: int = 32,
+        max_new_tokens: int = 96,
         prompt_template: str = PROMPT_TEMPLATE,
         chat_template: str | None = None,
         gradient_checkpointing: bool = False,
@@ -380,6 +401,25 @@ class MLLM(nn.Module):
         padding are ignored (-100). The target is tokenized together with the prompt (as it
         follows it at inference) and split at the prompt's length. Right padding.
         """
+        inputs = self.training_inputs(images, instructions, targets)
+        input_ids, label_ids = inputs["input_ids"], inputs["labels"]
+        hidden = self.hidden_states(input_ids, inputs["attention_mask"], inputs.get("pixel_values"))
+        loss, accuracy = labelled_lm_loss(hidden, label_ids, self.lm_head)
+        return MLLMOutput(
+            loss=loss,
+            img_hidden=self._img_hidden(hidden, input_ids),
+            img_embeds=self.img_embeds(len(input_ids)),
+            token_accuracy=accuracy,
+        )
+
+    def training_inputs(
+        self, images: Tensor | None, instructions: Sequence[str], targets: Sequence[str]
+    ) -> dict[str, Tensor]:
+        """The teacher-forced batch of :meth:`training_forward`: right-padded ``input_ids``
+        (``prompt + target + [IMG0..N-1] + eos``), ``attention_mask``, ``labels`` (-100 on the
+        prompt and padding) and ``pixel_values`` when visual. With the default templates a row is
+        the release's training sample (``mgie_train.py``: the ``vicuna_v1_1`` conversation, the
+        answer ``"<expressive> [IMG0] ... [IMG7]"`` and ``</s>``, labels from the answer on)."""
         if len(instructions) != len(targets):
             raise ValueError(f"{len(instructions)} instructions but {len(targets)} targets")
         prompts = self.format_prompts(instructions)
@@ -395,16 +435,14 @@ class MLLM(nn.Module):
             rows.append(prompt + answer)
             labels.append([IGNORE_INDEX] * len(prompt) + answer)
         input_ids, attention_mask = self._pad(rows, side="right")
-        label_ids = self._pad_labels(labels, input_ids.shape[1])
-
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values)
-        loss, accuracy = labelled_lm_loss(hidden, label_ids, self.lm_head)
-        return MLLMOutput(
-            loss=loss,
-            img_hidden=self._img_hidden(hidden, input_ids),
-            img_embeds=self.img_embeds(len(rows)),
-            token_accuracy=accuracy,
-        )
+        out = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": self._pad_labels(labels, input_ids.shape[1]),
+        }
+        if pixel_values is not None:
+            out["pixel_values"] = pixel_values
+        return out
 
     def _target_ids(self, prompt: list[int], joint: list[int], target: str) -> list[int]:
         if joint[: len(prompt)] == prompt:
@@ -430,6 +468,16 @@ class MLLM(nn.Module):
         instructions: Sequence[str],
         max_new_tokens: int | None = None,
     ) -> MLLMGeneration:
+        """Greedy expressive instructions and the [IMG] hidden states for the edit head (no
+        gradients; :meth:`derive` is the same with gradients through the last pass)."""
+        return self.derive(images, instructions, max_new_tokens)
+
+    def derive(
+        self,
+        images: Tensor | None,
+        instructions: Sequence[str],
+        max_new_tokens: int | None = None,
+    ) -> MLLMGeneration:
         """Greedy expressive instructions and the [IMG] hidden states for the edit head.
 
         ``model.generate`` (KV cache, left padding) runs first. In each row the text is what
@@ -438,21 +486,29 @@ class MLLM(nn.Module):
         (``appended``). One more forward pass over prompt + text + [IMG] tokens then gives the
         hidden states: simpler than reading them out of the generation steps, and the same
         thing for complete rows (the released code instead falls back to the last 8 positions
-        when [IMG0] is missing).
+        when [IMG0] is missing). Outside :meth:`generate` that pass keeps its gradients: MGIE's
+        "- L_ins" ablation trains the edit on the guidance the model derives itself.
         """
         enc = self.encode_prompts(instructions, images)
         kwargs = {}
         if self.no_repeat_ngram_size > 0:
             kwargs["no_repeat_ngram_size"] = self.no_repeat_ngram_size
-        sequences = self.model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens or self.max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            **kwargs,
-        )
+        # Decode in eval mode, with the KV cache: a model in train mode for gradient
+        # checkpointing (MGIE's "- L_ins" training) would decode without it.
+        training = self.model.training
+        self.model.eval()
+        try:
+            sequences = self.model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens or self.max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                **kwargs,
+            )
+        finally:
+            self.model.train(training)
         generated = sequences[:, enc["input_ids"].shape[1] :].tolist()
         texts, kept, appended = [], [], []
         for row in generated:

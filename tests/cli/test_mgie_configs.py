@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from editbench.cli import main
 
@@ -81,3 +82,35 @@ def test_tiny_config_runs(config, tiny_dir, synthetic_root, inspix2pix_ckpt, tmp
         assert next(tmp_path.rglob("test_metrics.json")).is_file()
     else:
         assert next(tmp_path.rglob("events.out.tfevents.*")).is_file()
+
+
+def test_conversation_options_reach_the_mllm_from_yaml(tiny_dir, tmp_path):
+    """The conversation fields of a YAML config (here as flags over the tiny MGIE preset) are
+    what the built MLLM formats and reads with."""
+    from editbench.cli import EditbenchCLI
+
+    yaml_file = tmp_path / "conversation.yaml"
+    yaml_file.write_text(
+        "model:\n"
+        "  init_args:\n"
+        "    prompt_template: 'how to edit: {instruction}'\n"
+        '    chat_template: "Q: <image> {prompt} A:"\n'
+        "    hidden_position: token\n"
+        "    new_token_init: mean\n"
+    )
+    args = [
+        "-c", str(TINY / "mgie_e2e.yaml"),
+        "-c", str(yaml_file),
+        "--model.init_args.mllm_path", str(tiny_dir / "llava"),
+        "--model.init_args.diffusion_path", str(tiny_dir / "instruct-pix2pix"),
+        "--model.init_args.unet_init_from", "null",
+        "--trainer.callbacks", "[]",
+        "--trainer.logger", "false",
+    ]  # fmt: skip
+    model = EditbenchCLI(args=args, run=False).model
+    model.configure_model()
+    assert model.mllm.format_prompts(["make it red"]) == ["Q: <image> how to edit: make it red A:"]
+    assert model.mllm.hidden_position == "token"
+    rows = model.mllm.embed_tokens.weight[model.mllm.img_token_ids]
+    mean = model.mllm.embed_tokens.weight[: min(model.mllm.img_token_ids)].mean(0)
+    torch.testing.assert_close(rows, mean.expand_as(rows))

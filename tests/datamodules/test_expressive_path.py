@@ -58,3 +58,15 @@ def test_malformed_expressive_file_names_file_and_line(synthetic_root, tmp_path)
     path.write_text('{"id": "a", "expressive": "x"}\n{"id": "b"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: missing required key 'expressive'"):
         make(synthetic_root, expressive_path=str(path)).setup("test")
+
+
+def test_per_seed_lines_on_a_dataset_without_seeds_are_an_error(synthetic_root, tmp_path):
+    ids = [
+        json.loads(line)["id"] for line in (synthetic_root / "test.jsonl").read_text().splitlines()
+    ]
+    path = tmp_path / "seeds.jsonl"
+    path.write_text(
+        "".join(json.dumps({"id": i, "seed": 1, "expressive": "x"}) + "\n" for i in ids)
+    )
+    with pytest.raises(ValueError, match=rf"id '{ids[0]}' has per-seed expressive instructions"):
+        make(synthetic_root, expressive_path=str(path)).setup("test")

@@ -345,3 +345,73 @@ def test_every_field_is_visible_to_the_cli_parser():
     for key in ("batch_size", "expressive_path", "on_missing_prompt", "report_dir"):
         assert key in cfg.data
     assert "parquet_val_fraction" in parser.format_help()
+
+
+def per_seed_file(path: Path, ids: list[str], seeds: tuple[int, ...]) -> None:
+    """One expressive line per (id, seed), as `data expressive` writes for this layout."""
+    lines = [
+        json.dumps({"id": i, "seed": s, "expressive": f"{i} pair {s}"}) for i in ids for s in seeds
+    ]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def test_train_sample_expressive_belongs_to_the_drawn_pair(tmp_path):
+    """Per-seed instructions for seeds 11 and 22 only: training draws only those two pairs
+    (never 33, which has no instruction), and each sample's `expressive` and `seed` are those
+    of the pair whose images it returns (told apart by colour), also through the loader."""
+    root = tmp_path / "ip2p"
+    names = write_original(root, 20)
+    path = tmp_path / "expressive.jsonl"
+    per_seed_file(path, [f"ipr2pr/{n}" for n in names[:19]], (11, 22))  # train and val
+    dm = make_dm(root, tmp_path, expressive_path=str(path), batch_size=6)
+    dm.setup("fit")
+    train = dm.datasets["train"]
+    assert [r["seeds"] for r in train.records] == [[11, 22]] * 18
+    torch.manual_seed(0)
+    drawn = set()
+    for _ in range(3):
+        for i in range(len(train)):
+            sample = train[i]
+            assert seed_of(sample) == sample["seed"]
+            assert sample["expressive"] == f"{sample['id']} pair {sample['seed']}"
+            drawn.add(sample["seed"])
+    assert drawn == {11, 22}
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["expressive"] == [
+        f"{i} pair {s}" for i, s in zip(batch["id"], batch["seed"], strict=True)
+    ]
+
+
+def test_eval_uses_the_first_pair_with_an_instruction(tmp_path):
+    root = tmp_path / "ip2p"
+    names = write_original(root, 20)
+    path = tmp_path / "expressive.jsonl"
+    per_seed_file(path, [f"ipr2pr/{names[19]}"], (22, 33))
+    dm = make_dm(root, tmp_path, expressive_path=str(path))
+    sample = dm.make_dataset("test")[0]
+    assert sample["seed"] == 22 and seed_of(sample) == 22
+    assert sample["expressive"] == f"ipr2pr/{names[19]} pair 22"
+
+
+def test_prompt_without_an_instructed_pair_is_missing(tmp_path):
+    root = tmp_path / "ip2p"
+    names = write_original(root, 20)
+    path = tmp_path / "expressive.jsonl"
+    # seed 44 is not one of the folder's seeds: no pair of 0000019 has an instruction
+    path.write_text(json.dumps({"id": f"ipr2pr/{names[19]}", "seed": 44, "expressive": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"no expressive instruction for 1 of the 1 'test'"):
+        make_dm(root, tmp_path, expressive_path=str(path)).make_dataset("test")
+
+
+def test_id_with_and_without_seed_is_an_error_naming_the_line(tmp_path):
+    root = tmp_path / "ip2p"
+    write_original(root, 20)
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(
+        json.dumps({"id": "ipr2pr/0000019", "seed": 11, "expressive": "a"})
+        + "\n"
+        + json.dumps({"id": "ipr2pr/0000019", "expressive": "b"})
+        + "\n"
+    )
+    with pytest.raises(ValueError, match=r"mixed\.jsonl, line 2: id 'ipr2pr/0000019' is written"):
+        make_dm(root, tmp_path, expressive_path=str(path)).make_dataset("test")

@@ -92,6 +92,65 @@ def test_without_instruction_loss_the_mllm_learns_only_through_the_edit(tiny_dir
     assert losses["loss_ins"] > 0  # still measured and logged
 
 
+def test_derived_targets_train_the_edit_on_the_models_own_guidance(tiny_dir):
+    """MGIE Table 7 "- L_ins" (train_targets derived): no expressive targets are read; the
+    edit trains on the guidance the MLLM derives (greedy, max_new_tokens), and L_edit alone
+    reaches the word embeddings (through the [IMG] inputs) and the edit head."""
+    model = build(tiny_dir, instruction_loss_weight=0.0, train_targets="derived")
+    model.train()
+    data = batch()
+    del data["expressive"]  # no summarised targets in training
+    losses = model.training_losses(data, generator=torch.Generator().manual_seed(0))
+    assert set(losses) == {"loss", "loss_edit", "guidance_tokens"}
+    assert torch.allclose(losses["loss"], 0.5 * losses["loss_edit"], atol=1e-6)
+    # with max_new_tokens 6 and a random tiny LLM, the guidance is 1..6 tokens per row
+    assert 0 < losses["guidance_tokens"] <= 6
+    losses["loss"].backward()
+    embed = model.mllm.embed_tokens.weight.grad
+    assert embed is not None and embed[model.mllm.img_token_ids].abs().sum() > 0
+    assert all(p.grad is not None for p in model.edit_head.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"train_targets": "derived"}, "instruction_loss_weight 0"),
+        (
+            {"train_targets": "derived", "instruction_loss_weight": 0.0, "guidance": "text"},
+            "edit_head",
+        ),
+        ({"train_targets": "summaries"}, "train_targets must be one of"),
+    ],
+)
+def test_derived_targets_need_no_instruction_loss(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MGIE(mllm_path="unused", diffusion_path="unused", **kwargs)
+
+
+def test_conversation_options_reach_the_mllm(tiny_dir):
+    """``prompt_template``, ``chat_template``, ``hidden_position`` and ``new_token_init`` are
+    MGIE fields (so YAML can set them) and are what its MLLM runs with."""
+    model = build(
+        tiny_dir,
+        prompt_template="edit: {instruction}",
+        chat_template="USER: <image>\n{prompt} ASSISTANT:",
+        hidden_position="token",
+        new_token_init="mean",
+    )
+    mllm = model.mllm
+    assert mllm.format_prompts(["make it red"]) == ["USER: <image>\nedit: make it red ASSISTANT:"]
+    assert mllm.hidden_position == "token"
+    rows = mllm.embed_tokens.weight[mllm.img_token_ids]
+    mean = mllm.embed_tokens.weight[: min(mllm.img_token_ids)].mean(0)
+    torch.testing.assert_close(rows, mean.expand_as(rows))
+    # the defaults: the release's conversation (models/components/mllm.py)
+    default = build(tiny_dir).mllm
+    assert default.format_prompts(["make it red"])[0].endswith(
+        "USER: what will this image be like if 'make it red'\n<image> ASSISTANT:"
+    )
+    assert default.hidden_position == "preceding"
+
+
 def test_missing_expressive_is_a_clear_error(mgie):
     data = batch()
     del data["expressive"]

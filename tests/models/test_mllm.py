@@ -328,8 +328,9 @@ def test_split_generated_keeps_complete_img_runs(llava):
 
 
 def test_no_repeat_ngram_size_blocks_repeats(tiny_dir):
-    mllm = MLLM(str(tiny_dir / "llava"), max_new_tokens=16, no_repeat_ngram_size=2)
-    plain = MLLM(str(tiny_dir / "llava"), max_new_tokens=16)
+    torch.manual_seed(0)
+    mllm = MLLM(str(tiny_dir / "llava"), max_new_tokens=32, no_repeat_ngram_size=2)
+    plain = MLLM(str(tiny_dir / "llava"), max_new_tokens=32)
     plain.load_state_dict(mllm.state_dict())
 
     def bigrams(ids):
@@ -450,3 +451,78 @@ def test_missing_or_wrong_folder_is_a_clear_error(tmp_path, tiny_dir):
         MLLM(str(tiny_dir / "llama"), visual=True)
     with pytest.raises(ValueError, match="instructions but"):
         MLLM(str(tiny_dir / "llama"), visual=False).training_forward(None, ["a"], ["b", "c"])
+
+
+# ----------------------------------------------------------------- the release's conversation
+
+#: LLaVA's ``conv_vicuna_v1_1.system`` (haotian-liu/LLaVA 7ace501, llava/conversation.py), the
+#: template the MGIE release trains with (mgie_train.py, --version v1), written out by hand.
+RELEASE_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+def _release_sample(instruction: str, expressive: str, image: str | None) -> tuple[str, str]:
+    """(prompt, whole sample) of one training sample as the release formats it: the
+    vicuna_v1_1 TWO-separator conversation ``system + " " + "USER: " + query + " " +
+    "ASSISTANT: " + answer + "</s>"`` with the query ``"what will this image be like if
+    '%s'\\n<image>"`` and the answer ``"%s [IMG0] ... [IMG7]"`` (mgie_train.py,
+    LazySupervisedDataset). The release's slow LLaMA tokenizer drops the spaces around the added
+    [IMG] tokens, so they are written joined here (the tiny byte-level tokenizer keeps spaces)."""
+    query = f"what will this image be like if '{instruction}'"
+    if image is not None:
+        query += "\n" + image
+    prompt = f"{RELEASE_SYSTEM} USER: {query} ASSISTANT:"
+    answer = f" {expressive}" + "".join(f"[IMG{i}]" for i in range(8)) + "</s>"
+    return prompt, prompt + answer
+
+
+@pytest.mark.parametrize("llm", ["llava", "llama"])
+def test_training_sample_is_the_release_conversation(tiny_dir, llm):
+    """One training sample's token ids and labels equal the release's format string, tokenized
+    by the model's own tokenizer: the system prompt, the quoted instruction, the image after
+    the text (MGIE; LGIE: the same without it), the answer and </s> labelled, the rest -100."""
+    visual = llm == "llava"
+    mllm = MLLM(str(tiny_dir / llm), num_img_tokens=8, visual=visual)
+    instruction, expressive = "make it blue", "the square turns blue"
+    # The tiny LLaVA's processor expands <image> to (32 px / patch 8)^2 = 16 image tokens.
+    image = "<image>" * 16 if visual else None
+    prompt, sample = _release_sample(instruction, expressive, image)
+    want = mllm.tokenizer(sample)["input_ids"]
+    n_prompt = len(mllm.tokenizer(prompt)["input_ids"])
+    assert want[0] == mllm.tokenizer.bos_token_id and want[-1] == mllm.tokenizer.eos_token_id
+    assert want[-9:-1] == mllm.img_token_ids
+
+    images = _images(1) if visual else None
+    inputs = mllm.training_inputs(images, [instruction], [expressive])
+    assert inputs["input_ids"][0].tolist() == want
+    assert inputs["attention_mask"][0].tolist() == [1] * len(want)
+    assert inputs["labels"][0].tolist() == [IGNORE_INDEX] * n_prompt + want[n_prompt:]
+    assert ("pixel_values" in inputs) == visual
+    # the decoded prompt reads as the release's string
+    text = mllm.tokenizer.decode(want[:n_prompt], skip_special_tokens=False)
+    assert f"USER: what will this image be like if '{instruction}'" in text
+    assert text.rstrip().endswith("ASSISTANT:")
+
+
+def test_default_templates_are_the_release_strings():
+    assert PROMPT_TEMPLATE == "what will this image be like if '{instruction}'"
+    assert VISUAL_CHAT_TEMPLATE == RELEASE_SYSTEM + " USER: {prompt}\n<image> ASSISTANT:"
+    assert TEXT_CHAT_TEMPLATE == RELEASE_SYSTEM + " USER: {prompt} ASSISTANT:"
+
+
+def test_derive_keeps_gradients_and_matches_generate(tiny_dir, llava):
+    """``derive`` (MGIE Table 7 "- L_ins" training) is ``generate`` with gradients through the
+    last pass: the same texts and states, and the [IMG] states reach the word embeddings."""
+    images = _images()
+    with torch.no_grad():
+        plain = llava.generate(images, INSTRUCTIONS)
+    derived = llava.derive(images, INSTRUCTIONS)
+    assert derived.texts == plain.texts and derived.token_ids == plain.token_ids
+    torch.testing.assert_close(derived.img_hidden.detach(), plain.img_hidden)
+    assert derived.img_hidden.requires_grad and not plain.img_hidden.requires_grad
+    derived.img_hidden.sum().backward()
+    grad = llava.embed_tokens.weight.grad
+    assert grad is not None and grad[llava.img_token_ids].abs().sum() > 0
+    llava.embed_tokens.weight.grad = None
