@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     expressive = sub.add_parser(
         "expressive",
-        help="MGIE expressive instructions (LLaVA narration + Flan-T5 summary) as JSONL",
+        help="expressive instructions as JSONL: MGIE (LLaVA narration + Flan-T5 summary, the "
+        "release's process_data) or LGIE (--llm: text-only LLaMA)",
         description="Other --data.* flags override the config, e.g. --data.init_args.root=DIR.",
     )
     add_arguments(expressive)
