@@ -394,19 +394,21 @@ class EditModel(L.LightningModule):
         evaluator = self._evaluators.pop("test", None)
         if evaluator is None:
             return
-        # Every process takes part in every collective here (the metrics' sync, the sample
-        # counts, the log dir's broadcast), in the same order; only rank 0 prints and writes.
+        # Every process takes part in every collective here (the metrics' sync with the sample
+        # counts, the log dir's broadcast), in the same order. The results document needs
+        # none (the counts are those of compute()) and hashes backbone weights, so only rank 0
+        # builds, prints and writes it.
         results = evaluator.compute() | self.extra_test_results()
         self.log_dict({k: v for k, v in results.items() if math.isfinite(v)}, sync_dist=False)
         run = self._run_record()
-        document = results_document(
-            evaluator,
-            results,
-            model=self,
-            datamodule=getattr(self.trainer, "datamodule", None),
-            run=run,
-        )
         if self.trainer.is_global_zero:
+            document = results_document(
+                evaluator,
+                results,
+                model=self,
+                datamodule=getattr(self.trainer, "datamodule", None),
+                run=run,
+            )
             self._report(document, run["log_dir"])
 
     def extra_test_results(self) -> dict[str, float]:
