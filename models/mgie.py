@@ -46,6 +46,13 @@ from torchmetrics import MeanMetric
 
 from models.checkpoint import read_checkpoint
 from models.components.edit_head import EditHead
+from models.components.expressive import (
+    TEXT_PROMPT_TEMPLATE,
+    ExpressivePipeline,
+    NarrationConfig,
+    SummarizerConfig,
+    config_from,
+)
 from models.components.mllm import MLLM, PROMPT_TEMPLATE
 from models.inspix2pix import InsPix2Pix
 
@@ -115,6 +122,15 @@ class MGIE(InsPix2Pix):
             forward pass over prompt + guidance + [IMG] tokens ("Without L_ins, it will derive
             full but lengthy guidance to lead L_edit", Appendix). Needs
             ``instruction_loss_weight`` 0 and ``guidance`` ``edit_head``.
+        narration, summarizer: FZ/FT (``guidance: text``) at test time: the frozen MLLM
+            narrates the edit and the summariser shortens it before CLIP, as ``data
+            expressive`` wrote the training targets (Table 3, footnote 3: "concise summarized
+            expressive instructions"; :mod:`models.components.expressive`). ``narration``:
+            ``prompt_template``, ``max_new_tokens``, ``cut_at``, ``max_sentences`` (default the
+            release's ``process_data.ipynb``; LGIE's prompt without the image); ``summarizer``:
+            ``path`` (a local Flan-T5 folder), ``template``, ``num_beams``, ``min_length``,
+            ``max_length``, ``no_repeat_ngram_size``, ``dtype``. Without ``summarizer`` the
+            text is the MLLM's own generation in the training conversation (not the paper's).
         **kwargs: :class:`InsPix2Pix` / :class:`EditModel` arguments.
     """
 
@@ -151,6 +167,8 @@ class MGIE(InsPix2Pix):
         hidden_position: str = "preceding",
         new_token_init: str = "normal",
         train_targets: TrainTargets = "data",
+        narration: dict | None = None,
+        summarizer: dict | None = None,
         **kwargs,
     ) -> None:
         super().__init__(diffusion_path, weight_decay=weight_decay, **kwargs)
@@ -198,9 +216,31 @@ class MGIE(InsPix2Pix):
         self.hidden_position = hidden_position
         self.new_token_init = new_token_init
         self.train_targets = train_targets
+        self.expressive_pipeline = self._expressive_pipeline(narration, summarizer)
         self.mllm: MLLM | None = None
         self.edit_head: EditHead | None = None
         self.instruction_projection: torch.nn.Linear | None = None
+
+    def _expressive_pipeline(
+        self, narration: dict | None, summarizer: dict | None
+    ) -> ExpressivePipeline | None:
+        if summarizer is None:
+            if narration is not None:
+                raise ValueError("narration needs a summarizer (model.init_args.summarizer)")
+            return None
+        if self.guidance != "text":
+            raise ValueError(
+                f"narration/summarizer are FZ/FT's test-time pipeline (guidance 'text'); "
+                f"guidance is {self.guidance!r}"
+            )
+        narration = dict(narration or {})
+        if not self.visual:
+            narration.setdefault("prompt_template", TEXT_PROMPT_TEMPLATE)
+        return ExpressivePipeline(
+            config_from(NarrationConfig, narration, "model.init_args.narration"),
+            config_from(SummarizerConfig, summarizer, "model.init_args.summarizer"),
+            option="model.init_args.summarizer.path",
+        )
 
     # ------------------------------------------------------------------ building
     @property
@@ -471,12 +511,25 @@ class MGIE(InsPix2Pix):
         (encoder); returns (cond, null, expressive instructions or None)."""
         if self.guidance == "encoder":
             return (*self.encode_instructions(source, instructions), None)
+        if self.guidance == "text" and self.expressive_pipeline is not None:
+            texts = self.expressive_texts(source, instructions)
+            return self.encode_text(texts), self.null_text(), texts
         generation = self.mllm.generate(self._images_for_mllm(source), list(instructions))
         if self.guidance == "edit_head":
             cond, null = self.guidance_from(generation.img_hidden, generation.img_embeds)
         else:
             cond, null = self.encode_text(generation.texts), self.null_text()
         return cond, null, generation.texts
+
+
+    def expressive_texts(self, source: torch.Tensor, instructions: Sequence[str]) -> list[str]:
+        """FZ/FT's concise expressive instructions: the frozen MLLM's narration, cut and
+        summarised as ``data expressive`` does (:class:`ExpressivePipeline`)."""
+        processor = self.mllm.processor if self.visual else self.mllm.tokenizer
+        out = self.expressive_pipeline(
+            self.mllm.model, processor, self._images_for_mllm(source), list(instructions)
+        )
+        return out.summaries
 
 
 class LGIE(MGIE):

@@ -3,20 +3,9 @@
 MGIE (Sec. 3.1, "Concise Expressive Instruction", Eq. 2) derives the target of its instruction
 loss L_ins in two steps: the MLLM, given the input image, narrates the edit, and a summariser
 (footnote 1: Flan-T5-XXL fine-tuned for summarisation) shortens the narration to a concise
-expressive instruction E. By default every step is the release's (``apple/ml-mgie``,
-``process_data.ipynb``, cells 1-4):
-
-1. narration prompt: ``"what will this image be like if '%s'  (in a short paragraph)"`` (the
-   instruction quoted, two spaces before the parenthesis), followed by ``"\n"`` and the image,
-   inside LLaVA's ``vicuna_v1_1`` conversation (LLaVA 7ace501, ``llava/conversation.py``: its
-   system prompt, ``" USER: "``, ``" ASSISTANT:"``) -- :data:`PROMPT_TEMPLATE`;
-2. greedy decoding of up to 1,024 new tokens (``max_new_tokens=1024``);
-3. ``remove_alter``: the narration cut before the first "alternative" (any case) and kept to
-   its first two "."-separated sentences (:func:`cut_narration`);
-4. the summariser ``jordiclive/flan-t5-11b-summarizer-filtered`` (the release's checkpoint;
-   :data:`RELEASE_SUMMARIZER`) on ``"summarize the following paragraph in 32
-   words:\n\n%s"``, with ``num_beams=5, min_length=5, max_length=64,
-   no_repeat_ngram_size=3``, no sampling, input truncated.
+expressive instruction E. Every step is the release's by default (``apple/ml-mgie``,
+``process_data.ipynb``); the pipeline itself lives in :mod:`models.components.expressive`, which
+MGIE's FZ/FT ablation also runs at test time.
 
 Each is an option (the release value the default). The release writes one instruction per
 image pair (``item = <prompt folder>_<seed>``): for IPr2Pr's original layout this command does
@@ -54,39 +43,26 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from datamodules.base import EditDataModule, build_transform
-
-#: LLaVA's ``conv_vicuna_v1_1.system`` (LLaVA 7ace501, ``llava/conversation.py``), the
-#: conversation ``process_data.ipynb`` narrates in (``conv_templates['vicuna_v1_1']``).
-VICUNA_V1_1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+from models.components.expressive import (  # noqa: F401  (re-exported for the command's users)
+    CUT_AT,
+    DTYPES,
+    MAX_SENTENCES,
+    NARRATION_MAX_NEW_TOKENS,
+    PROMPT_TEMPLATE,
+    RELEASE_SUMMARIZER,
+    SUMMARY_MAX_LENGTH,
+    SUMMARY_MIN_LENGTH,
+    SUMMARY_NO_REPEAT_NGRAM,
+    SUMMARY_NUM_BEAMS,
+    SUMMARY_TEMPLATE,
+    TEXT_PROMPT_TEMPLATE,
+    check_folder,
+    cut_narration,
+    load_summarizer,
+    narrate,
+    narration_inputs,
+    summarize,
 )
-#: The release's narration question (``process_data.ipynb``, cell 4), verbatim: the
-#: instruction in single quotes and two spaces before "(in a short paragraph)".
-NARRATION_QUESTION = "what will this image be like if '{instruction}'  (in a short paragraph)"
-#: ``vicuna_v1_1.get_prompt()`` of one user turn (the question, ``"\n"``, the image) and an
-#: open assistant turn: ``system + " USER: " + text + " ASSISTANT:"`` (separator ``" "``).
-#: ``<image>`` is the llava-hf processor's image placeholder (the release writes
-#: ``<im_start>`` + 256 ``<im_patch>`` + ``<im_end>`` there).
-PROMPT_TEMPLATE = VICUNA_V1_1_SYSTEM + " USER: " + NARRATION_QUESTION + "\n<image> ASSISTANT:"
-#: LGIE's text-only narration: the same conversation without the image.
-TEXT_PROMPT_TEMPLATE = VICUNA_V1_1_SYSTEM + " USER: " + NARRATION_QUESTION + " ASSISTANT:"
-#: The release's summariser input (``process_data.ipynb``, cell 4).
-SUMMARY_TEMPLATE = "summarize the following paragraph in 32 words:\n\n{narration}"
-#: The release's summariser (``process_data.ipynb``, cell 3): Flan-T5-XXL (11B) fine-tuned for
-#: summarisation, the paper's "Flan-T5-XXL" (MGIE footnote 1).
-RELEASE_SUMMARIZER = "jordiclive/flan-t5-11b-summarizer-filtered"
-#: Flan-T5 was trained on inputs of at most 512 tokens; longer narrations are truncated (the
-#: release passes ``truncation=True``: the tokenizer's 512-token limit).
-SUMMARY_MAX_INPUT_TOKENS = 512
-#: The release's generation settings (``process_data.ipynb``, cell 4).
-NARRATION_MAX_NEW_TOKENS = 1024
-CUT_AT = "alternative"
-MAX_SENTENCES = 2
-SUMMARY_NUM_BEAMS = 5
-SUMMARY_MIN_LENGTH = 5
-SUMMARY_MAX_LENGTH = 64
-SUMMARY_NO_REPEAT_NGRAM = 3
 
 _MLLM_WHAT = (
     "a LLaVA checkpoint in the llava-hf layout, e.g. `llava-hf/llava-1.5-7b-hf` "
@@ -96,13 +72,6 @@ _LLM_WHAT = (
     "a LLaMA checkpoint in the transformers layout, e.g. LLaMA-7B (MGIE Sec. 4.1, LGIE) "
     "(LlamaForCausalLM weights + config.json and the tokenizer files)"
 )
-_SUMMARIZER_WHAT = (
-    f"a Flan-T5 checkpoint, e.g. the release's `{RELEASE_SUMMARIZER}` (T5ForConditionalGeneration "
-    "weights + config.json and the tokenizer files)"
-)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 class CommandInputError(ValueError):
     """Bad arguments, data or output file: the user must fix it (one-line error, exit 2)."""
 
@@ -260,16 +229,6 @@ def check_unique(keys: Sequence[Key], split: str) -> None:
 # --------------------------------------------------------------------------- models
 
 
-def _check_folder(path: str | Path, option: str, what: str) -> Path:
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{option}: no model at {folder} (expected a local folder with config.json). Place "
-            f"there {what}, saved with `save_pretrained`; nothing is downloaded."
-        )
-    return folder
-
-
 def _left_padded(tokenizer):
     tokenizer.padding_side = "left"  # generation continues every row from its last token
     if tokenizer.pad_token is None:
@@ -281,7 +240,7 @@ def load_mllm(path: str | Path, device: str, dtype: torch.dtype):
     """``(LlavaForConditionalGeneration, processor)`` from a local folder, eval, left padding."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    folder = _check_folder(path, "--mllm", _MLLM_WHAT)
+    folder = check_folder(path, "--mllm", _MLLM_WHAT)
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     _left_padded(processor.tokenizer)
     model = LlavaForConditionalGeneration.from_pretrained(
@@ -294,80 +253,10 @@ def load_llm(path: str | Path, device: str, dtype: torch.dtype):
     """``(AutoModelForCausalLM, tokenizer)`` of a LLaMA folder (LGIE's text-only narrator)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = _check_folder(path, "--llm", _LLM_WHAT)
+    folder = check_folder(path, "--llm", _LLM_WHAT)
     tokenizer = _left_padded(AutoTokenizer.from_pretrained(folder, local_files_only=True))
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
     return model.to(device).eval(), tokenizer
-
-
-def load_summarizer(path: str | Path, device: str, dtype: torch.dtype):
-    """``(AutoModelForSeq2SeqLM, tokenizer)`` of a Flan-T5 folder, eval."""
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-    folder = _check_folder(path, "--summarizer", _SUMMARIZER_WHAT)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForSeq2SeqLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
-    return model.to(device).eval(), tokenizer
-
-
-def to_uint8(images: torch.Tensor) -> list[torch.Tensor]:
-    """``[B, 3, H, W]`` images in [-1, 1] as uint8 ``[3, H, W]`` tensors, as processors take."""
-    pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return list(pixels.cpu())
-
-
-def narration_inputs(processor, images, instructions: Sequence[str], template: str) -> dict:
-    """The model inputs of the narration prompts: a LLaVA processor with the images, or (LGIE,
-    ``images`` None) a tokenizer alone. Both add the tokenizer's BOS, as the release's
-    ``tokenizer(txt)`` does."""
-    prompts = [template.format(instruction=i) for i in instructions]
-    if images is None:
-        return dict(processor(prompts, return_tensors="pt", padding=True))
-    return dict(processor(images=to_uint8(images), text=prompts, return_tensors="pt", padding=True))
-
-
-@torch.no_grad()
-def narrate(
-    model,
-    processor,
-    images: torch.Tensor | None,
-    instructions: Sequence[str],
-    template: str = PROMPT_TEMPLATE,
-    max_new_tokens: int = NARRATION_MAX_NEW_TOKENS,
-) -> list[str]:
-    """The (M)LLM's greedy narration of each edit (MGIE Sec. 3.1: MLLM*([prompt, X] | V); the
-    release: ``do_sample=False, max_new_tokens=1024``); only the newly generated tokens are
-    decoded, special tokens skipped (the release's cut at ``ASSISTANT:`` and ``</s>``)."""
-    inputs = narration_inputs(processor, images, instructions, template)
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-    new = out[:, inputs["input_ids"].shape[1] :]
-    tokenizer = getattr(processor, "tokenizer", processor)
-    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-
-
-def cut_narration(text: str, cut_at: str = CUT_AT, max_sentences: int = MAX_SENTENCES) -> str:
-    """The release's ``remove_alter`` (``process_data.ipynb``, cell 1) on a decoded narration.
-
-    Cut before the first ``cut_at`` (case-insensitive; ``""`` disables it) and before
-    ``[IMG0]``; split at ``"."``, keep the first ``max_sentences`` pieces (0 keeps all), strip
-    each and join them with ``"."`` -- as the release does, which drops the space after a kept
-    period ("A. B. C" -> "A.B.") -- and end with a period. An empty narration stays empty (the
-    release would fail on it).
-    """
-    if cut_at and cut_at.lower() in text.lower():
-        text = text[: text.lower().index(cut_at.lower())]
-    if "[IMG0]" in text:
-        text = text[: text.index("[IMG0]")]
-    pieces = text.split(".")
-    if max_sentences > 0:
-        pieces = pieces[:max_sentences]
-    text = ".".join(piece.strip() for piece in pieces)
-    if text and text[-1] != ".":
-        text += "."
-    return text.strip()
 
 
 def summary_kwargs(args: argparse.Namespace) -> dict:
@@ -381,34 +270,6 @@ def summary_kwargs(args: argparse.Namespace) -> dict:
         "no_repeat_ngram_size": args.summary_no_repeat_ngram_size,
         "do_sample": False,
     }
-
-
-@torch.no_grad()
-def summarize(
-    model,
-    tokenizer,
-    narrations: Sequence[str],
-    template: str = SUMMARY_TEMPLATE,
-    generate_kwargs: dict | None = None,
-) -> list[str]:
-    """Flan-T5 summaries of the narrations (MGIE Eq. 2: E = Summ(MLLM*(...))), decoded as the
-    release's ``pipeline('summarization')`` (special tokens skipped, stripped)."""
-    kwargs = generate_kwargs or {
-        "num_beams": SUMMARY_NUM_BEAMS,
-        "min_length": SUMMARY_MIN_LENGTH,
-        "max_length": SUMMARY_MAX_LENGTH,
-        "no_repeat_ngram_size": SUMMARY_NO_REPEAT_NGRAM,
-        "do_sample": False,
-    }
-    inputs = tokenizer(
-        [template.format(narration=n) for n in narrations],
-        return_tensors="pt",
-        padding=True,
-        truncation=True,
-        max_length=SUMMARY_MAX_INPUT_TOKENS,
-    ).to(model.device)
-    out = model.generate(**inputs, **kwargs)
-    return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 # --------------------------------------------------------------------------- command
@@ -504,10 +365,8 @@ class ExpressiveWriter:
                 )
         else:
             self.narrator, self.processor = load_mllm(args.mllm, args.device, dtype)
-            if self.processor.image_token not in args.prompt_template:
-                raise CommandInputError(
-                    f"--prompt_template must contain {self.processor.image_token!r}"
-                )
+            if "<image>" not in args.prompt_template:
+                raise CommandInputError("--prompt_template must contain <image> with --mllm")
         self.summarizer, self.tokenizer = load_summarizer(args.summarizer, args.device, dtype)
         self.args = args
 

@@ -3,6 +3,7 @@ training step (or, for the test-only FZ, one test batch) through the real CLI.""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,10 @@ def test_tiny_config_runs(config, tiny_dir, synthetic_root, inspix2pix_ckpt, tmp
         "--trainer.limit_val_batches", "0",
         "--trainer.limit_test_batches", "1",
     ]  # fmt: skip
+    if any("summarizer:" in t for t in texts):  # FZ/FT: the test-time summariser, tiny
+        summarizer = {"path": str(tiny_dir / "t5"), "max_length": 8}
+        args += ["--model.init_args.summarizer", json.dumps(summarizer),
+                 "--model.init_args.narration", json.dumps({"max_new_tokens": 4})]  # fmt: skip
     assert main(args) == 0
     if test_only:
         assert next(tmp_path.rglob("test_metrics.json")).is_file()
