@@ -370,6 +370,12 @@ class ExpressiveWriter:
         self.summarizer, self.tokenizer = load_summarizer(args.summarizer, args.device, dtype)
         self.args = args
 
+    def num_tokens(self, text: str) -> int:
+        """Length of ``text`` in the narrator's tokens (MGIE Sec. 3.2 compares E's 22.7 tokens
+        with the narrations' 64.5)."""
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def records(self, batch: dict) -> list[dict]:
         """``{"id", ["seed",] "expressive", "instruction", "narration", "narration_full"}`` per
         kept sample of a batch."""
@@ -415,7 +421,8 @@ def write_expressive(args: argparse.Namespace, overrides: Sequence[str]) -> dict
     out = Path(args.out)
     already = read_written(out)
     todo = [i for i, key in enumerate(keys) if key not in already]
-    counts = {"written": 0, "skipped": len(keys) - len(todo), "bad": 0, "total": len(keys)}
+    counts = {"written": 0, "skipped": len(keys) - len(todo), "bad": 0, "total": len(keys),
+              "expressive_tokens": 0, "narration_tokens": 0}
     todo = todo if args.limit is None else todo[: args.limit]
     if not todo:
         return counts
@@ -433,6 +440,9 @@ def write_expressive(args: argparse.Namespace, overrides: Sequence[str]) -> dict
             f.write("".join(json.dumps(r) + "\n" for r in records))
             f.flush()  # a killed run keeps every finished batch
             counts["written"] += len(records)
+            for record in records:
+                counts["expressive_tokens"] += writer.num_tokens(record["expressive"])
+                counts["narration_tokens"] += writer.num_tokens(record["narration_full"])
             counts["bad"] += bad
             bar.update(len(records) + bad)
     return counts
@@ -452,4 +462,11 @@ def run(args: argparse.Namespace, overrides: Sequence[str] = ()) -> int:
         f"expressive {args.split}: written {counts['written']}, skipped {counts['skipped']} "
         f"(already in {args.out}), total {counts['total']}{bad}"
     )
+    if counts["written"]:
+        n = counts["written"]
+        print(
+            f"mean length of the {n} written: expressive instruction "
+            f"{counts['expressive_tokens'] / n:.1f} tokens, narration "
+            f"{counts['narration_tokens'] / n:.1f} tokens (MGIE Sec. 3.2: 22.7 vs. 64.5)"
+        )
     return 0
