@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
-from metrics.pixel import L1, SSIM, MaskedL1, at_least_float32
+from metrics.pixel import L1, PSNR, SSIM, MaskedL1, at_least_float32
 
 #: name -> Metric class. Add metrics with :func:`register_metric`.
-METRICS: dict[str, type[Metric]] = {"L1": L1, "L1_edit": MaskedL1, "SSIM": SSIM}
+METRICS: dict[str, type[Metric]] = {"L1": L1, "L1_edit": MaskedL1, "SSIM": SSIM, "PSNR": PSNR}
 
 DEFAULT_METRICS: tuple[str, ...] = ("L1", "L1_edit", "SSIM")
 

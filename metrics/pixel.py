@@ -1,4 +1,4 @@
-"""Pixel-level edit metrics: whole-image L1, edit-region L1 and SSIM.
+"""Pixel-level edit metrics: whole-image L1, edit-region L1, SSIM and PSNR.
 
 Conventions shared by every metric here:
 
@@ -18,7 +18,8 @@ Conventions shared by every metric here:
   scoring (:mod:`metrics.native`) quantises and resizes with PIL itself before any metric
   sees the images.
 - Every metric is a mean over images of a per-image value (each image weighs the same,
-  whatever the batch sizes), accumulated in ``"sum"``-reduced states so it is exact under DDP.
+  whatever the batch sizes; PSNR's ``pooled`` option aside), accumulated in ``"sum"``-reduced
+  states so it is exact under DDP.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.functional.image import structural_similarity_index_measure
+from torchmetrics.functional.image import (
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
 from torchmetrics.utilities import rank_zero_warn
 
 ResizeMode = Literal["bilinear", "bicubic"]
@@ -323,3 +327,102 @@ class SSIM(Metric):
     def compute(self) -> Tensor:
         """The mean over images of the per-image SSIM (nan when no image was seen)."""
         return self.sum_ssim / self.num_images
+
+
+#: PSNR's data range: the metrics measure ``[0, 1]`` images.
+PSNR_DATA_RANGE = 1.0
+PSNRReduction = Literal["image", "pooled"]
+
+
+class PSNR(Metric):
+    """Peak signal-to-noise ratio in dB on ``[0, 1]`` images (``data_range=1.0``, explicit).
+
+    Images are mapped to ``[0, 1]`` (``x / 2 + 0.5``, clamped) and ``preds`` is resized to the
+    target's size if they differ (as in :class:`L1`). Per image, torchmetrics'
+    ``peak_signal_noise_ratio(preds, target, data_range=1.0, dim=(1, 2, 3),
+    reduction="none")``: ``10 * log10(1 / MSE)`` with the MSE over all pixels and channels.
+
+    Reduction (``reduction``):
+
+    - ``"image"`` (default): the mean over images of the per-image PSNR. This is what the
+      evaluation InsightEdit builds on does: SmartEdit's released ``test/metrics_evaluation.py``
+      calls torchmetrics' ``PeakSignalNoiseRatio(data_range=1.0)`` on one image at a time and
+      averages the returned values (InsightEdit released no evaluation code and its text does
+      not say; its AdvancedEdit-Eval columns are SmartEdit's PSNR/SSIM/LPIPS/CLIPScore plus
+      VIEScore). Each image weighs the same, whatever the batch sizes.
+    - ``"pooled"``: torchmetrics' default accumulation (``PeakSignalNoiseRatio`` with
+      ``dim=None``): one PSNR of the squared error pooled over every pixel of every image
+      seen. Since ``-log10`` is convex this is at most the per-image mean; the two agree only
+      when every image has the same MSE.
+
+    States are ``"sum"``-reduced (``sum_psnr``, ``sum_squared_error``, ``num_values``,
+    ``num_images``), so the value is exact under DDP. An image identical to its target has
+    ``MSE = 0`` and PSNR ``inf`` (as torchmetrics and scikit-image give), so the mean is
+    ``inf`` too. Higher is better. ``compute()`` before any update gives nan.
+
+    Args:
+        reduction: ``"image"`` (default) or ``"pooled"``.
+        resize_mode: ``"bicubic"`` (default) or ``"bilinear"``, used only on a size mismatch.
+    """
+
+    is_differentiable = True
+    higher_is_better = True
+    full_state_update = False
+
+    sum_psnr: Tensor
+    sum_squared_error: Tensor
+    num_values: Tensor
+    num_images: Tensor
+
+    def __init__(
+        self,
+        reduction: PSNRReduction = "image",
+        resize_mode: ResizeMode = "bicubic",
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if reduction not in ("image", "pooled"):
+            raise ValueError(f"`reduction` must be 'image' or 'pooled', got {reduction!r}.")
+        _check_resize_mode(resize_mode)
+        self.reduction = reduction
+        self.resize_mode = resize_mode
+        for name, dtype in (
+            ("sum_psnr", torch.float64),
+            ("sum_squared_error", torch.float64),
+            ("num_values", torch.long),
+            ("num_images", torch.long),
+        ):
+            self.add_state(name, default=torch.tensor(0, dtype=dtype), dist_reduce_fx="sum")
+
+    def provenance(self) -> dict:
+        """How this metric measures (for the results' protocol block)."""
+        definition = {
+            "image": "torchmetrics PSNR, data_range 1 on [0,1] images, per image, mean over images",
+            "pooled": "torchmetrics PSNR, data_range 1 on [0,1] images, of the squared error "
+            "pooled over all images",
+        }[self.reduction]
+        return {
+            "definition": definition,
+            "resize": f"preds resized to the target's size ({self.resize_mode}, antialiased) "
+            "when they differ",
+        }
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add a batch: ``preds`` and ``target`` are ``[B, C, H, W]`` in ``[-1, 1]``."""
+        with torch.autocast(device_type=preds.device.type, enabled=False):
+            preds01, target01 = prepare_pair(at_least_float32(preds), at_least_float32(target))
+            per_image = peak_signal_noise_ratio(
+                preds01, target01, data_range=PSNR_DATA_RANGE, dim=(1, 2, 3), reduction="none"
+            )
+            squared = (preds01 - target01).to(torch.float64).square()
+        self.sum_psnr += per_image.to(torch.float64).sum()
+        self.sum_squared_error += squared.sum()
+        self.num_values += squared.numel()
+        self.num_images += per_image.numel()
+
+    def compute(self) -> Tensor:
+        """The mean per-image PSNR (``"image"``) or the pooled PSNR (``"pooled"``), in dB."""
+        if self.reduction == "image":
+            return (self.sum_psnr / self.num_images).float()
+        mse = self.sum_squared_error / self.num_values
+        return (10 * torch.log10(PSNR_DATA_RANGE**2 / mse)).float()

@@ -11,13 +11,20 @@ ma5k                L1, SSIM, LPIPS               MGIE Tables 1-2
 magicbrush          L1, DINO, CVS, CTS            MGIE Tables 1-2 (CTS on global captions)
 magicbrush-paper    L1, DINO, CVS, CTS            MagicBrush paper (CLIP-T on local captions)
 ipr2pr              CLIP_direction, CLIP_image    InstructPix2Pix's CFG sweep (Brooks et al.)
+advancededit        VIEScore, CTS, PSNR, SSIM,    InsightEdit's AdvancedEdit-Eval table
+                    LPIPS                         (see :data:`ADVANCEDEDIT_NOTES`)
 synthetic           L1, L1_edit, SSIM             exact ground truth, backbone-free
 ==================  ============================  ==============================================
 
 Scaling (:data:`PAPER_SCALE`): MGIE prints DINO, CVS and SSIM as percentages and CTS as
-``100 * cos``; L1 and LPIPS raw. Raw values stay in ``test_metrics.json``'s ``metrics``; the
-scaled ones form its ``table``. FID, KID and VIEScore are added on demand
-(``model.init_args.extra_metrics``).
+``100 * cos``; L1 and LPIPS raw; ``advancededit`` has its own (:data:`ADVANCEDEDIT_SCALE`).
+Raw values stay in ``test_metrics.json``'s ``metrics``; the scaled ones form its ``table``.
+FID, KID and VIEScore are added on demand (``model.init_args.extra_metrics``).
+
+``advancededit`` scores VIEScore, which asks an MLLM judge (``metric_kwargs.VIEScore``: an
+OpenAI-compatible endpoint and key, or a local LLaVA folder); a judge-free run names its metrics
+(``metrics: [CTS, PSNR, SSIM, LPIPS]``). Its published rows:
+:data:`metrics.published.INSIGHTEDIT_TABLES`.
 
 Backbones (:attr:`Protocol.backbones`, folder names under ``$EDITBENCH_BACKBONES``): MagicBrush's
 ``evaluation/image_eval.py`` uses CLIP ViT-B/32 (CLIP-I, CLIP-T) and ``dino_vits16``; MGIE
@@ -58,6 +65,39 @@ import torch
 
 #: Multiplier from a metric's raw value to the number MGIE prints (absent = 1).
 PAPER_SCALE: dict[str, float] = {"DINO": 100.0, "CVS": 100.0, "SSIM": 100.0, "CTS": 100.0}
+
+#: InsightEdit's AdvancedEdit-Eval table (main comparison): VIEScore on 0-1 (VIEScore's 0-10
+#: divided by 10), CLIPScore as ``100 * cos`` (torchmetrics' CLIPScore), PSNR in dB, SSIM and
+#: LPIPS raw. Keys name the flattened VIEScore results (``VIEScore_failures`` stays a count).
+ADVANCEDEDIT_SCALE: dict[str, float] = {
+    "VIEScore_SC": 0.1,
+    "VIEScore_PQ": 0.1,
+    "VIEScore_O": 0.1,
+    "CTS": 100.0,
+}
+
+#: CLIP and LPIPS as SmartEdit's released ``test/metrics_evaluation.py`` (the evaluation
+#: InsightEdit builds on; InsightEdit released none): torchmetrics ``CLIPScore`` on
+#: ``openai/clip-vit-large-patch14``, ``LearnedPerceptualImagePatchSimilarity(net_type=
+#: 'squeeze')``.
+ADVANCEDEDIT_BACKBONES = {"clip": "clip-vit-large-patch14"}
+ADVANCEDEDIT_METRIC_KWARGS: dict[str, dict[str, Any]] = {"LPIPS": {"net": "squeeze"}}
+
+#: How the ``advancededit`` columns map to the InsightEdit paper's (Xu et al., CVPR 2025,
+#: "Main Results (Comparison on AdvancedEdit-Eval)"), and what the paper leaves open.
+ADVANCEDEDIT_NOTES = (
+    "Columns VIEScore, CLIPScore, PSNR, SSIM, LPIPS of InsightEdit's AdvancedEdit-Eval table. "
+    "VIEScore = the suite's VIEScore_O (VIEScore's overall sqrt(SC*PQ)), printed 0-1 in the "
+    "main table (x 0.1) and 0-10 in the IAA ablation; the paper does not say which subscore "
+    "or judge (its data filter used GPT-4o with VIEScore's SC/PQ prompts). CLIPScore = CTS "
+    "(CLIP image-text cosine of the edit and its target caption, x 100 as torchmetrics' "
+    "CLIPScore, without its clamp at 0) on CLIP ViT-L/14: the paper names no backbone or "
+    "text; values near 20 fit ViT-L/14 image-caption cosines, and SmartEdit's script uses "
+    "ViT-L/14 (on the edit cropped to the mask's box, against a target-object text). PSNR, "
+    "SSIM, LPIPS: edit against the ground-truth target on the whole image, mean over images; "
+    "SmartEdit's script instead compares source and edit on the unedited (masked-out) region "
+    "at 256 px, which the paper's text neither confirms nor rules out."
+)
 
 #: Aggregations of multi-turn data (MagicBrush): which samples each one scores.
 AGGREGATIONS = ("all", "final", "turn1")
@@ -149,8 +189,11 @@ class Protocol:
             )
 
     def scale_of(self, name: str) -> float:
-        """The table multiplier of a result name; flattened names (``KID_std``, ``L1_edit``,
+        """The table multiplier of a result name: its own entry (``VIEScore_O`` in
+        :data:`ADVANCEDEDIT_SCALE`), else flattened names (``KID_std``, ``L1_edit``,
         ``VIEScore_SC``) take their metric's."""
+        if name in self.scale:
+            return self.scale[name]
         return self.scale.get(name.split("_")[0], 1.0)
 
     def with_aggregation(self, aggregation: str) -> Protocol:
@@ -238,6 +281,15 @@ PROTOCOLS: dict[str, Protocol] = {
             ("CLIP_direction", "CLIP_image"),
             source="InstructPix2Pix's metrics/clip_similarity.py (CLIP ViT-L/14)",
             backbones=dict(INSTRUCTPIX2PIX_BACKBONES),
+        ),
+        Protocol(
+            "advancededit",
+            ("VIEScore", "CTS", "PSNR", "SSIM", "LPIPS"),
+            source="InsightEdit (Xu et al., CVPR 2025), AdvancedEdit-Eval table; columns as "
+            "metrics.protocols.ADVANCEDEDIT_NOTES says",
+            scale=dict(ADVANCEDEDIT_SCALE),
+            backbones=dict(ADVANCEDEDIT_BACKBONES),
+            metric_kwargs={k: dict(v) for k, v in ADVANCEDEDIT_METRIC_KWARGS.items()},
         ),
         Protocol("synthetic", ("L1", "L1_edit", "SSIM"), source="editbench synthetic data"),
         Protocol("generic", ("L1", "SSIM"), source="editbench default"),

@@ -17,6 +17,17 @@ with the suite's dataset names (``evr``, ``gier``, ``ma5k``, ``magicbrush``) and
 - ``mgie-lins``: the appendix's training-loss ablation (with and without ``L_ins``).
 - ``mgie-encoders``: Table 5 (instruction encoders, HIVE, InsEdit; zero-shot).
 - ``mgie-lm-size``: Table 6 (LM sizes; zero-shot).
+
+InsightEdit (Xu et al., CVPR 2025; :data:`INSIGHTEDIT_TABLES`, checked by
+``tests/metrics/test_advancededit.py`` against ``fixtures/insightedit_tables.txt``, the table
+lines of ``shared/papers/insightedit.txt``), each table at its own printed scale
+(:data:`TABLE_SCALES`), dataset ``advancededit`` (the protocol's name) and metrics
+``VIEScore_O``, ``CTS`` (the paper's CLIPScore), ``PSNR``, ``SSIM``, ``LPIPS``:
+
+- ``insightedit-main``: the comparison on AdvancedEdit-Eval (VIEScore 0-1).
+- ``insightedit-iaa``: the IAA ablation (VIEScore 0-10; see :data:`INSIGHTEDIT_PROTOCOL`).
+- ``insightedit-reason-edit``: the Reason-Edit comparison (datasets
+  ``reason-edit-understanding`` and ``reason-edit-reasoning``, VIEScore 0-1).
 """
 
 from __future__ import annotations
@@ -177,9 +188,113 @@ TABLE_SOURCES: dict[str, str] = {
 }
 
 
+# --------------------------------------------------------------------------- InsightEdit
+
+#: What the InsightEdit paper (Xu et al., "InsightEdit: Towards Better Instruction Following for
+#: Image Editing", CVPR 2025, arXiv 2411.17323) says about its numbers, as the suite reads it.
+INSIGHTEDIT_PROTOCOL: dict[str, Any] = {
+    "paper": "InsightEdit (Xu et al., CVPR 2025)",
+    "seeds": "the paper's text states no seed count",
+    "sampler": "not stated (the suite's InsightEdit config samples at SmartEdit's settings)",
+    "columns": {"advancededit": ["VIEScore_O", "CTS", "PSNR", "SSIM", "LPIPS"]},
+    "notes": (
+        "AdvancedEdit-Eval columns VIEScore, CLIPScore, PSNR, SSIM, LPIPS as the suite's "
+        "VIEScore_O, CTS, PSNR, SSIM, LPIPS (metrics.protocols.ADVANCEDEDIT_NOTES). VIEScore is "
+        "printed 0-1 in the main table and 0-10 in the IAA ablation, but the ablation's IAA row "
+        "repeats the main table's 'InsightEdit + AdvancedEdit' PSNR/SSIM/LPIPS/CLIPScore "
+        "exactly while its VIEScore 7.545 is not 10 x 0.831: the two VIEScores are not one "
+        "quantity on two scales, and the text does not say how they differ."
+    ),
+}
+
+_INSIGHTEDIT_COLUMNS = {"advancededit": ["VIEScore_O", "CTS", "PSNR", "SSIM", "LPIPS"]}
+_ABLATION_COLUMNS = {"advancededit": ["PSNR", "SSIM", "LPIPS", "CTS", "VIEScore_O"]}
+_REASON_EDIT_COLUMNS = {
+    "reason-edit-understanding": ["VIEScore_O"],
+    "reason-edit-reasoning": ["VIEScore_O"],
+}
+# Main Results (Comparison on AdvancedEdit-Eval): VIEScore, CLIPScore, PSNR, SSIM, LPIPS.
+_INSIGHTEDIT_MAIN = {
+    "InstructPix2Pix": [0.342, 19.528, 20.192, 0.694, 0.182],
+    "SmartEdit-7B": [0.682, 20.114, 20.115, 0.651, 0.131],
+    "InsightEdit": [0.738, 20.395, 21.267, 0.675, 0.112],
+    "InsightEdit + AdvancedEdit": [0.831, 21.002, 22.871, 0.716, 0.071],
+}
+# Reason-Edit Comparison: Understanding VIEScore, Reasoning VIEScore (0-1, as the main table).
+_INSIGHTEDIT_REASON_EDIT = {
+    "SmartEdit-7B": [0.866, 0.835],
+    "InsightEdit": [0.901, 0.893],
+    "InsightEdit + AdvancedEdit": [0.934, 0.947],
+}
+# Ablation Study (IAA Module), printed order PSNR, SSIM, LPIPS, CLIPScore, VIEScore (0-10);
+# the rows are marked IAA ✗ / ✓ (the ✓ row is the main table's InsightEdit + AdvancedEdit).
+_INSIGHTEDIT_IAA = {
+    "InsightEdit (IAA ✗)": [22.348, 0.692, 0.095, 20.652, 7.307],
+    "InsightEdit (IAA ✓)": [22.871, 0.716, 0.071, 21.002, 7.545],
+}
+
+#: name -> ``{method: {dataset: {metric: value}}}``, InsightEdit's values as printed. The text
+#: prints no table of lambda values (the decoupled cross-attention weight), so none is here.
+INSIGHTEDIT_TABLES: dict[str, dict[str, dict[str, dict[str, float]]]] = {
+    "insightedit-main": _table(_INSIGHTEDIT_MAIN, _INSIGHTEDIT_COLUMNS),
+    "insightedit-iaa": _table(_INSIGHTEDIT_IAA, _ABLATION_COLUMNS),
+    "insightedit-reason-edit": _table(_INSIGHTEDIT_REASON_EDIT, _REASON_EDIT_COLUMNS),
+}
+
+_ADVANCEDEDIT_SCALE = {"CTS": 100, "PSNR": 1, "SSIM": 1, "LPIPS": 1}
+
+#: name -> the multiplier from the suite's raw value to the table's printed number, per metric
+#: (absent = 1). VIEScore_O is 0-10 in the suite: 0-1 tables print it x 0.1.
+TABLE_SCALES: dict[str, dict[str, float]] = {
+    **{name: dict(PAPER_PROTOCOL["scale"]) for name in MGIE_TABLES},
+    "insightedit-main": {**_ADVANCEDEDIT_SCALE, "VIEScore_O": 0.1},
+    "insightedit-iaa": {**_ADVANCEDEDIT_SCALE, "VIEScore_O": 1},
+    "insightedit-reason-edit": {"VIEScore_O": 0.1},
+}
+
+TABLE_SOURCES.update(
+    {
+        "insightedit-main": (
+            "InsightEdit main table (comparison on AdvancedEdit-Eval; VIEScore 0-1, CLIPScore as "
+            "CTS x 100)"
+        ),
+        "insightedit-iaa": (
+            "InsightEdit ablation of the IAA module (AdvancedEdit-Eval; VIEScore printed 0-10, "
+            "and not the main table's VIEScore rescaled: its IAA ✓ row reads 7.545 where the "
+            "main table's same model reads 0.831)"
+        ),
+        "insightedit-reason-edit": (
+            "InsightEdit Reason-Edit comparison (Understanding / Reasoning VIEScore, 0-1)"
+        ),
+    }
+)
+
+#: name -> how the paper averaged its numbers (shown under a report's table).
+TABLE_AVERAGING: dict[str, str] = {
+    **{name: "the paper averages 5 random seeds" for name in MGIE_TABLES},
+    **{name: INSIGHTEDIT_PROTOCOL["seeds"] for name in INSIGHTEDIT_TABLES},
+}
+
+#: Every published table, by name (``report --published`` choices).
+PUBLISHED_TABLES: dict[str, dict[str, dict[str, dict[str, float]]]] = {
+    **MGIE_TABLES,
+    **INSIGHTEDIT_TABLES,
+}
+
+
 def published_value(table: str, method: str, dataset: str, metric: str) -> float | None:
     """One published cell at the paper's scale, or None where the paper reports none."""
-    return MGIE_TABLES[table].get(method, {}).get(dataset, {}).get(metric)
+    return PUBLISHED_TABLES[table].get(method, {}).get(dataset, {}).get(metric)
 
 
-__all__ = ["MGIE_TABLES", "PAPER_PROTOCOL", "TABLE_SOURCES", "published_value"]
+__all__ = [
+    "INSIGHTEDIT_PROTOCOL",
+    "INSIGHTEDIT_TABLES",
+    "MGIE_TABLES",
+    "PAPER_PROTOCOL",
+    "PUBLISHED_TABLES",
+    "TABLE_AVERAGING",
+    "TABLE_SCALES",
+    "TABLE_SOURCES",
+    "published_value",
+]

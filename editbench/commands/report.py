@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metrics.published import MGIE_TABLES, PAPER_PROTOCOL, TABLE_SOURCES
+from metrics.published import PUBLISHED_TABLES, TABLE_AVERAGING, TABLE_SCALES, TABLE_SOURCES
 
 RESULTS_FILE = "test_metrics.json"
 FORMAT_PREFIX = "editbench.test_metrics/"
@@ -38,7 +38,13 @@ PER_METRIC_KEYS = ("metrics", "scale", "columns")
 
 #: Dataset order of MGIE's tables; other datasets follow alphabetically.
 DATASET_ORDER = ("evr", "gier", "ma5k", "magicbrush")
-DATASET_TITLES = {"evr": "EVR", "gier": "GIER", "ma5k": "MA5k", "magicbrush": "MagicBrush"}
+DATASET_TITLES = {
+    "evr": "EVR",
+    "gier": "GIER",
+    "ma5k": "MA5k",
+    "magicbrush": "MagicBrush",
+    "advancededit": "AdvancedEdit-Eval",
+}
 
 #: +1: higher is better, -1: lower is better. Metrics not listed are not ranked.
 DIRECTIONS: dict[str, int] = {
@@ -51,6 +57,7 @@ DIRECTIONS: dict[str, int] = {
     "CVS": 1,
     "CTS": 1,
     "SSIM": 1,
+    "PSNR": 1,
     "CLIP_direction": 1,
     "VIEScore_SC": 1,
     "VIEScore_PQ": 1,
@@ -444,10 +451,11 @@ def _mark_best(rows: Sequence[Row], columns: Sequence[Column], mixed: set[Column
 def _published_rows(
     name: str, columns: Sequence[Column], references: dict[Column, Run]
 ) -> list[Row]:
-    """The paper's rows for the columns we have, converted to each column's scale."""
-    paper_scale = PAPER_PROTOCOL["scale"]
+    """The paper's rows for the columns we have, converted from the table's printed scale
+    (:data:`metrics.published.TABLE_SCALES`) to each column's."""
+    paper_scale = TABLE_SCALES[name]
     rows = []
-    for method, datasets in MGIE_TABLES[name].items():
+    for method, datasets in PUBLISHED_TABLES[name].items():
         row = Row(f"{method} {PUBLISHED_LABEL}", "paper")
         for column in columns:
             value = datasets.get(column[0], {}).get(column[1])
@@ -533,7 +541,7 @@ def footnotes(report: Report) -> list[str]:
     if any(r.kind == "paper" for r in report.rows):
         notes.append(
             f"- Rows marked {PUBLISHED_LABEL}: {TABLE_SOURCES[report.published]}. Values as "
-            "printed (the paper averages 5 random seeds), converted to this table's scale; "
+            f"printed ({TABLE_AVERAGING[report.published]}), converted to this table's scale; "
             "shown for reference, not protocol-checked and not ranked."
         )
     if any(r.kind == "copy" for r in report.rows):
@@ -654,9 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default="Results", help="the report's title")
     parser.add_argument(
         "--published",
-        choices=sorted(MGIE_TABLES),
+        choices=sorted(PUBLISHED_TABLES),
         default=None,
-        help="add the MGIE paper's rows (not ranked)",
+        help="add a paper's published rows (MGIE or InsightEdit tables; not ranked)",
     )
     parser.add_argument(
         "--allow-mixed",
