@@ -45,10 +45,12 @@ warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(
 @dataclass
 class EditOutput:
     """What ``edit`` returns: images in [-1, 1] and, where the model makes them, the
-    expressive instructions it derived (MGIE, LGIE)."""
+    expressive instructions it derived (MGIE, LGIE; MMIG's target description z_d) and a
+    caption of each edited image (MMIG's BLIP-2, Eq. 4)."""
 
     images: torch.Tensor
     expressive: list[str] | None = None
+    caption: list[str] | None = None
 
 
 def sample_generators(ids: Sequence[str], seed: int) -> list[torch.Generator]:
@@ -288,7 +290,7 @@ class EditModel(L.LightningModule):
         optimizer = torch.optim.AdamW(
             groups, lr=self.learning_rate, betas=self.adam_betas, weight_decay=self.weight_decay
         )
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        total = self.schedule_length()
         warmup, cosine = self.resolve_warmup_steps(total), self.lr_schedule == "cosine"
 
         def factor(step: int) -> float:
@@ -304,6 +306,11 @@ class EditModel(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def schedule_length(self) -> float:
+        """Optimizer steps the learning-rate schedule spans: the run's
+        (``trainer.estimated_stepping_batches``); a staged model's, its stage's."""
+        return self.trainer.estimated_stepping_batches if self._trainer is not None else 0
 
     def resolve_warmup_steps(self, total: float) -> int:
         """``warmup_steps``, or ``ceil(warmup_ratio x total)`` for a run of ``total`` optimizer
