@@ -1,5 +1,5 @@
 """``python -m editbench data``: write the synthetic dataset or the tiny checkpoints, look at a
-configured dataset, or write its expressive instructions."""
+configured dataset, write its expressive instructions, or convert the original LLaVA v1 layout."""
 
 from __future__ import annotations
 
@@ -94,6 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
             )
         cmd.set_defaults(func=_inspect_or_verify)
 
+    convert = sub.add_parser(
+        "convert-llava",
+        help="convert the original LLaVA v1 layout (the MGIE release's LLaVA-7B-v1) to the "
+        "llava-hf layout the suite reads",
+    )
+    convert.add_argument("--src", required=True, help="the original LLaVA v1 folder")
+    convert.add_argument(
+        "--vision",
+        default=None,
+        help="local CLIP folder of the vision tower (default: the source's mm_vision_tower "
+        "when that is a local folder)",
+    )
+    convert.add_argument("--out", required=True, help="output folder (llava-hf layout)")
+    convert.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float16", "bfloat16", "float32"),
+        help="dtype of the written weights (default: the source's)",
+    )
+    convert.set_defaults(func=_convert_llava)
+
     from editbench.commands.expressive import add_arguments
 
     expressive = sub.add_parser(
@@ -105,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(expressive)
     expressive.set_defaults(func=_expressive)
     return parser
+
+
+def _convert_llava(args: argparse.Namespace) -> int:
+    from editbench.commands.expressive import CommandInputError
+    from models.components.llava_v1 import LlavaConversionError, convert_llava_v1
+
+    try:
+        summary = convert_llava_v1(args.src, args.out, vision=args.vision, dtype=args.dtype)
+    except LlavaConversionError as err:
+        raise CommandInputError(str(err)) from err
+    print(json.dumps(summary, indent=2))
+    return 0
 
 
 def _inspect_or_verify(args: argparse.Namespace) -> int:

@@ -52,9 +52,17 @@ def load_language_model(path: Path, visual: bool, dtype: torch.dtype | None):
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(hint)
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
     if visual and model_type != "llava":
         raise FileNotFoundError(f"{hint}; found model_type {model_type!r}, not 'llava'")
+    if visual and "text_config" not in config and "mm_vision_tower" in config:
+        raise FileNotFoundError(
+            f"{path}: this is the original LLaVA v1 layout (LlavaLlamaForCausalLM, "
+            f"mm_vision_tower {config['mm_vision_tower']!r}), which transformers would silently "
+            "build as a random default model; convert it first: `python -m editbench data "
+            f"convert-llava --src {path} --vision <CLIP folder> --out <new folder>`"
+        )
     from transformers import (
         AutoModelForCausalLM,
         AutoProcessor,

@@ -16,10 +16,16 @@ The release (``mgie_7b.tar.gz``) holds two files that ml-mgie's ``extract_ckpt.i
 Both are plain dicts of tensors, so ``torch.load(..., weights_only=True)`` reads them; a file
 holding other pickled objects is refused with an error that says so (we never unpickle code).
 
-Limitation: the embedding rows follow the *original* LLaVA-7B-v1 tokenizer (``[IMG0]`` = 32003 in
-the released demo), so they apply to an MLLM whose vocabulary has the same size; the llava-hf
-conversions (e.g. ``llava-hf/llava-1.5-7b-hf``, 32064 rows) differ, and ``apply_release`` says
-so with the expected and found shapes instead of copying misaligned rows.
+The embedding rows follow the *original* LLaVA-7B-v1 tokenizer (32,003 tokens: LLaMA's 32,000 +
+``<im_patch>``, ``<im_start>``, ``<im_end>``; ``[IMG0]`` = 32003 in the released demo), so they
+apply to the release's own LLaVA-7B-v1 (README: LLaVA-Lightning-7B-delta-v1-1 on LLaMA-7B), read
+after ``python -m editbench data convert-llava`` has rewritten its original layout as llava-hf
+without changing a weight or a token id (:mod:`models.components.llava_v1`): 32003 + 8 rows,
+the [IMG] rows last. Other llava-hf models (e.g. ``llava-hf/llava-1.5-7b-hf``, 32064 rows) have
+another vocabulary, and ``apply_release`` says so with the expected and found shapes instead of
+copying misaligned rows. ``unet.pt`` goes into the 8-channel UNet of the InstructPix2Pix folder
+(``diffusion_path``), whose VAE, text encoder and Euler ancestral scheduler the demo samples
+with (``experiments/mgie_release.yaml``).
 """
 
 from __future__ import annotations

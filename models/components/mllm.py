@@ -39,8 +39,13 @@ Facts taken from the released code (apple/ml-mgie: ``mgie_train.py``, ``mgie_lla
   ``"<system> USER: what will this image be like if '<instruction>'\n<image> ASSISTANT:
   <expressive> [IMG0] ... [IMG7]</s>"``; :data:`PROMPT_TEMPLATE` is the query's text and
   :data:`VISUAL_CHAT_TEMPLATE` the conversation around it. The release's ``<image>`` becomes
-  ``<im_start>`` + 256 ``<im_patch>`` + ``<im_end>`` (LLaVA v1, ``mm_use_im_start_end``);
-  in the llava-hf layout read here the processor expands ``<image>`` to its image tokens.
+  ``<im_start>`` + 256 ``<im_patch>`` + ``<im_end>`` (LLaVA v1, ``mm_use_im_start_end``;
+  ``demo.ipynb``). Here the folder is read in the llava-hf layout: a folder whose config has
+  ``mm_use_im_start_end`` true (the release's LLaVA-7B-v1 after ``python -m editbench data
+  convert-llava``, :mod:`models.components.llava_v1`) gets ``<image>`` replaced by
+  ``<im_start>`` + the processor's image token (``<im_patch>``) + ``<im_end>``, which the
+  processor then expands to 256 tokens, the release's prompt; in other llava-hf folders the
+  processor expands ``<image>`` itself.
   LGIE (no release code) takes the same conversation without the image
   (:data:`TEXT_CHAT_TEMPLATE`).
 """
@@ -55,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.components.expressive import image_placeholder
 from models.components.lm_loading import (
     CastOutput,
     cast_input_to_weight,
@@ -172,6 +178,7 @@ class MLLM(nn.Module):
         self.model, self.processor, self.tokenizer = load_language_model(
             Path(path), visual, DTYPES.get(torch_dtype) if torch_dtype else None
         )
+        self.image_text = self._image_text()
         self.img_token_ids: list[int] = self._add_img_tokens(new_token_init)
         self._freeze()
         self._compute_dtype = self.embed_tokens.weight.dtype
@@ -188,6 +195,16 @@ class MLLM(nn.Module):
             raise ValueError(f"chat_template needs '{{prompt}}': {self.chat_template!r}")
         if self.visual and "<image>" not in self.chat_template:
             raise ValueError(f"a visual chat_template needs '<image>': {self.chat_template!r}")
+
+    def _image_text(self) -> str:
+        """What the chat template's ``<image>`` becomes before the processor expands the
+        processor's image token: that token, wrapped in ``<im_start>``/``<im_end>`` when the
+        config says ``mm_use_im_start_end`` (LLaVA v1 as the MGIE release runs it,
+        ``demo.ipynb``; a folder from ``data convert-llava``); ``<image>`` in llava-hf folders,
+        so nothing changes there."""
+        if self.processor is None:
+            return "<image>"
+        return image_placeholder(self.processor, self.model.config)
 
     def _add_img_tokens(self, init: str) -> list[int]:
         """Add the [IMG] tokens (after the vocabulary), size both embeddings to the tokenizer
@@ -319,6 +336,7 @@ class MLLM(nn.Module):
         if images.shape[0] != len(texts):
             raise ValueError(f"{images.shape[0]} images for {len(texts)} instructions")
         pixel_values = self.preprocess_images(images)
+        texts = [text.replace("<image>", self.image_text) for text in texts]
         # The processor only needs the processed size to expand <image>: give it CPU zeros of
         # that size with every transform off, and keep our own (device) pixel values.
         dummy = torch.zeros(pixel_values.shape, dtype=torch.float32)
@@ -531,8 +549,12 @@ class MLLM(nn.Module):
         )
 
     def _split_generated(self, row: list[int]) -> tuple[list[int], bool]:
-        """Generated ids → (text ids before the first eos/[IMG], whether the N [IMG] follow)."""
+        """Generated ids → (text ids before the first eos/[IMG], whether the N [IMG] follow).
+        A generated image token also ends the text: fed back in the second pass it would be
+        taken for an image placeholder without image features."""
         stops = set(self.img_token_ids) | {self.tokenizer.eos_token_id}
+        if self.visual and getattr(self.processor, "image_token_id", None) is not None:
+            stops.add(self.processor.image_token_id)
         cut = next((i for i, t in enumerate(row) if t in stops), len(row))
         complete = row[cut : cut + self.num_img_tokens] == self.img_token_ids
         return row[:cut], complete
