@@ -158,6 +158,7 @@ EXTRA_COMMANDS = {
     "benchmark": "editbench.commands.benchmark",
     "sweep": "editbench.commands.sweep",
     "report": "editbench.commands.report",
+    "demo": "editbench.commands.demo",
 }
 
 EXTRA_HELP = """
@@ -167,6 +168,7 @@ editbench's own subcommands (each has --help):
   benchmark   edit latency and training-step time against plain diffusers references
   sweep       the αV trade-off of checkpoints: CLIP directional vs image similarity (CSV, plot)
   report      aggregate test_metrics.json of several runs into the paper's table layout
+  demo        an interactive editing page (Gradio) for a checkpoint or config, on localhost
 """
 
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch.cli import instantiate_module
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
-from torchvision.utils import save_image
 
+from editbench.commands.expressive import CommandInputError
 from models.checkpoint import read_checkpoint
 
 
@@ -39,6 +41,38 @@ def load_checkpoint_model(ckpt_path: str | Path, device: str = "cpu", ema: bool 
     return model.to(device).eval(), dict(checkpoint.datamodule_hparams)
 
 
+def load_config_model(configs: Sequence[str | Path], device: str = "cpu"):
+    """Build the model of LightningCLI config files (later files layered over earlier ones, as
+    repeated ``-c``) without a trainer, for an untrained or released model: ``model.class_path``
+    and ``model.init_args`` instantiated as LightningCLI does (``instantiate_module``), then
+    ``configure_model()``, which reads every ``*_path`` folder. OmegaConf interpolations are
+    resolved over the whole merged file (the CLI's ``parser_mode="omegaconf"``). Returns the
+    model in eval mode and the DataModule's arguments with its ``_class_path``."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not configs:
+        raise CommandInputError("no config file given")
+    try:
+        merged = OmegaConf.merge(*(OmegaConf.load(Path(c)) for c in configs))
+        tree = OmegaConf.to_container(merged, resolve=True)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"config {err.filename} not found") from None
+    except (OmegaConfBaseException, ValueError) as err:
+        raise CommandInputError(f"config {', '.join(map(str, configs))}: {err}") from None
+    model_cfg = tree.get("model") if isinstance(tree, dict) else None
+    if not isinstance(model_cfg, dict) or not model_cfg.get("class_path"):
+        raise CommandInputError(f"config {', '.join(map(str, configs))} has no model.class_path")
+    class_path = model_cfg["class_path"]
+    cls = model_class(class_path, Path(configs[-1]))
+    init_args = dict(model_cfg.get("init_args") or {})
+    model = instantiate_module(cls, {"_class_path": class_path, **init_args})
+    model.configure_model()
+    data_cfg = tree.get("data") or {}
+    data_hparams = {"_class_path": data_cfg.get("class_path"), **(data_cfg.get("init_args") or {})}
+    return model.to(device).eval(), data_hparams
+
+
 def model_class(class_path: str, source: Path) -> type:
     """The :class:`EditModel` subclass a checkpoint names; only classes of the suite's ``models``
     package are imported, so a checkpoint cannot make us run other code."""
@@ -55,21 +89,112 @@ def model_class(class_path: str, source: Path) -> type:
     return cls
 
 
-def load_image(path: str | Path, resolution: int | None, multiple: int = 8) -> torch.Tensor:
-    """An RGB image as [1, 3, H, W] in [-1, 1]; the shorter side resized to ``resolution`` and
-    both sides rounded down to a multiple of the VAE's downsampling."""
+#: Largest input the ``edit`` command and the demo accept, in pixels (64 MP: 8192 x 8192, above
+#: any phone camera's 48-50 MP); checked from the file header, before the image is decoded.
+MAX_INPUT_PIXELS = 8192 * 8192
+#: A longer side beyond this many times the model's resolution is scaled down further (a
+#: panorama is fed at most 4x as long as it is wide, not at any length).
+MAX_ASPECT = 4
+
+
+class ImageInputError(CommandInputError):
+    """An input image the command cannot use (not found, not an image, too large)."""
+
+
+def open_image(
+    path: str | Path, max_pixels: int | None = MAX_INPUT_PIXELS, label: str | None = None
+) -> Image.Image:
+    """Read an input image as the upright 8-bit RGB picture a viewer shows.
+
+    The EXIF orientation is applied (``PIL.ImageOps.exif_transpose``: a phone's orientation-6
+    JPEG comes out upright); grayscale, palette, CMYK and YCbCr convert to RGB; 16/32-bit
+    integer images are scaled to 8 bits (65535 -> 255, not clipped at 255 as a plain
+    ``convert("RGB")`` would); an alpha channel is composited over white. ``max_pixels`` is
+    checked from the header, before decoding. Errors name the file as ``label`` (default: the
+    path) (:class:`ImageInputError`)."""
+    name = label or str(path)
     try:
-        with Image.open(path) as img:
-            image = TF.pil_to_tensor(img.convert("RGB"))
+        img = Image.open(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"image {path} not found") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise FileNotFoundError(f"image {path} could not be decoded: {err}") from None
+        raise ImageInputError(f"image {name} not found") from None
+    except Image.DecompressionBombError:
+        raise ImageInputError(f"{name} is too large (PIL refuses to decode it)") from None
+    except UnidentifiedImageError:
+        raise ImageInputError(f"{name} is not an image (PIL cannot identify it)") from None
+    except (OSError, ValueError) as err:
+        raise ImageInputError(f"{name} could not be read as an image ({err})") from None
+    with img:
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageInputError(
+                f"{name} is {width}x{height} = {width * height / 1e6:.1f} MP; the limit is "
+                f"{max_pixels / 1e6:.1f} MP ({max_pixels} pixels)"
+            )
+        try:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+        except (OSError, ValueError, SyntaxError) as err:
+            raise ImageInputError(f"{name} could not be decoded ({err})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB (see :func:`open_image`)."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit PNG/TIFF grayscale: full scale 65535 (a 32-bit "I" image above 65535 is clipped).
+        array = np.asarray(img, dtype=np.float64)
+        array = np.clip(np.round(array / 257.0), 0, 255).astype(np.uint8)
+        img = Image.fromarray(array)  # uint8 2-D: mode "L"
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.round(np.asarray(img)), 0, 255).astype(np.uint8))
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def model_size(
+    size: tuple[int, int], resolution: int | None, multiple: int = 8
+) -> tuple[int, int]:
+    """(width, height) an image of ``size`` (width, height) is fed to the model at: the shorter
+    side scaled to ``resolution`` (the training data's, as the DataModules resize), the longer
+    side by the same factor (at most :data:`MAX_ASPECT` x ``resolution``), both rounded to the
+    nearest multiple of the VAE's downsampling (at least one). ``resolution`` ``None`` keeps
+    the scale."""
+    width, height = size
+    scale = 1.0
     if resolution is not None:
-        image = TF.resize(image, resolution, antialias=True)
-    h, w = (s // multiple * multiple for s in image.shape[-2:])
-    image = TF.center_crop(image, [h, w])
-    return (image.float() / 127.5 - 1.0).unsqueeze(0)
+        scale = min(resolution / min(width, height), MAX_ASPECT * resolution / max(width, height))
+    return tuple(max(multiple, round(s * scale / multiple) * multiple) for s in (width, height))
+
+
+def image_to_tensor(img: Image.Image, resolution: int | None, multiple: int = 8) -> torch.Tensor:
+    """An RGB picture as the model's input, [1, 3, H, W] in [-1, 1], at :func:`model_size`
+    (the whole picture, aspect ratio kept up to the rounding; no crop)."""
+    tensor = TF.pil_to_tensor(img)
+    width, height = model_size(img.size, resolution, multiple)
+    if (width, height) != img.size:
+        tensor = TF.resize(tensor, [height, width], antialias=True)
+    return (tensor.float() / 127.5 - 1.0).unsqueeze(0)
+
+
+def tensor_to_image(image: torch.Tensor, size: tuple[int, int] | None = None) -> Image.Image:
+    """A model output [3, H, W] in [-1, 1] as an 8-bit RGB picture, resized (bicubic) to
+    ``size`` (width, height): the input's size, so a 48x40 input comes back 48x40."""
+    array = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    img = Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
+    if size is not None and img.size != tuple(size):
+        img = img.resize(tuple(size), Image.Resampling.BICUBIC)
+    return img
+
+
+def load_image(path: str | Path, resolution: int | None, multiple: int = 8) -> torch.Tensor:
+    """An input image file as the model's input [1, 3, H, W] in [-1, 1]:
+    :func:`open_image` then :func:`image_to_tensor`."""
+    return image_to_tensor(open_image(path), resolution, multiple)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +231,8 @@ def main(argv: list[str]) -> int:
         args.ckpt_path, args.device, ema=False if args.raw_weights else None
     )
     resolution = args.resolution or data_hparams.get("resolution")
-    source = load_image(args.image, resolution).to(args.device)
+    picture = open_image(args.image)
+    source = image_to_tensor(picture, resolution).to(args.device)
     out = model.edit(
         source,
         [args.instruction],
@@ -117,7 +243,8 @@ def main(argv: list[str]) -> int:
     )
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    save_image((out.images[0].float().clamp(-1, 1) + 1) / 2, output)
+    # Returned at the input's (upright) size, as the user gave it.
+    tensor_to_image(out.images[0], picture.size).save(output)
     record = {"image": str(output), "instruction": args.instruction, "ema": model.uses_ema_weights}
     if out.expressive is not None:
         record["expressive"] = out.expressive[0]

@@ -1,0 +1,1 @@
+"""The interactive editing demo (``python -m editbench demo``): engine and Gradio page."""

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# What the test suite needs from the machine, beyond pip: Debian's Chromium for the demo's browser
+# test (Playwright drives /usr/bin/chromium; its own browser download is not used). Idempotent;
+# as root, or with sudo.
+set -euo pipefail
+SUDO=$([ "$(id -u)" -eq 0 ] && echo "" || echo "sudo")
+if [ ! -x /usr/bin/chromium ]; then
+  $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium
+fi
