@@ -11,6 +11,7 @@ transformers loads offline, laid out like the checkpoints the paper configs name
 | `llama/`             | LLaMA-7B                         | `LlamaForCausalLM` + tokenizer            |
 | `clip/`              | `openai/clip-vit-base-patch32`   | `CLIPModel` + `CLIPProcessor`             |
 | `t5/`                | `google/flan-t5-base`            | `T5ForConditionalGeneration` + tokenizer  |
+| `blip2/`             | `Salesforce/blip2-opt-2.7b`      | `Blip2ForConditionalGeneration` (OPT) + `Blip2Processor` |
 
 and `manifest.json` last (what was made, the VAE fit, library versions).
 
@@ -25,7 +26,9 @@ the full byte alphabet, so no text maps to an unknown token.
 
 Same seed and arguments give identical weights and tokenizer files. Called again on a
 complete folder with the same seed/resolution/vae_steps it returns the manifest at once;
-different arguments raise an error naming the folder and the field.
+different arguments raise an error naming the folder and the field. Folders added to the set
+later (:data:`ADDED_FOLDERS`: `blip2/`) depend on no other folder, so an older complete folder
+gets just them built and its manifest extended, instead of a rebuild.
 """
 
 from __future__ import annotations
@@ -43,7 +46,10 @@ import torch
 import torch.nn.functional as F
 
 FORMAT_VERSION = 1
-FOLDERS = ("instruct-pix2pix", "stable-diffusion", "llava", "llama", "clip", "t5")
+FOLDERS = ("instruct-pix2pix", "stable-diffusion", "llava", "llama", "clip", "t5", "blip2")
+#: Folders added after the first format: built on their own into an older complete folder.
+ADDED_FOLDERS = ("blip2",)
+BLIP2_QUERY_TOKENS = 4
 MANIFEST = "manifest.json"
 
 DEFAULT_VAE_STEPS = 400  # ~0.24 s a step on 2 cores: ~100 s to held-out L1 ~0.035 (32 px)
@@ -119,6 +125,9 @@ def make_tiny(
     }
     if not overwrite:
         existing = _existing_manifest(out, wanted)
+        missing = [n for n in ADDED_FOLDERS if existing is not None and not _has(out, existing, n)]
+        if missing:
+            return _add_folders(out, corpus, existing, missing, log)
         if existing is not None:
             log(f"tiny: {out} is up to date (seed {seed}, {resolution}px, {vae_steps} VAE steps)")
             return existing
@@ -146,7 +155,7 @@ def _existing_manifest(out: Path, wanted: dict) -> dict | None:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None  # half-written: rebuild
-    if not all((out / name).is_dir() for name in FOLDERS):
+    if not all((out / name).is_dir() for name in FOLDERS if name not in ADDED_FOLDERS):
         return None
     for field, value in wanted.items():
         if manifest.get(field) == value:
@@ -569,6 +578,122 @@ def _make_clip(tokenizer):
     return CLIPModel(config), processor
 
 
+def _make_blip2(corpus: list[str]):
+    """BLIP-2 with an OPT language model (the captioner `Salesforce/blip2-opt-2.7b` shrunk):
+    ViT 32 px / patch 8 / width 32, a 2-layer Q-Former with cross-attention in every layer,
+    4 query tokens, a 2-layer OPT. The processor adds `<image>` to the byte-level tokenizer
+    (as an `AddedToken`: a tokenizer whose `image_token` is a plain string breaks
+    `Blip2Processor` in transformers 5.23) and `image_token_index` points at it: with the
+    default None `generate` crashes (REFERENCE.md, "MMIG's building blocks")."""
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        OPTConfig,
+    )
+
+    tokenizer = _lm_tokenizer(corpus, image_token=False)
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+        num_query_tokens=BLIP2_QUERY_TOKENS,
+    )
+    vision = Blip2VisionConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        cross_attention_frequency=1,
+    )
+    text = OPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=LM_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = Blip2Config(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=text.to_dict(),
+        num_query_tokens=BLIP2_QUERY_TOKENS,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    return Blip2ForConditionalGeneration(config), processor
+
+
+def _has(out: Path, manifest: dict, name: str) -> bool:
+    return (out / name).is_dir() and name in manifest.get("folders", {})
+
+
+def _build_added(out: Path, corpus: list[str], seed: int, name: str) -> tuple[dict, dict]:
+    """Build one of :data:`ADDED_FOLDERS`: (its manifest entry, its tokenizer entry)."""
+    if name != "blip2":
+        raise ValueError(f"no builder for tiny folder {name!r}")
+    with _seeded(seed, "blip2"):
+        model, processor = _make_blip2(corpus)
+    entry = _save_model(model, out / name, processor)
+    tokenizer = processor.tokenizer
+    return entry, {
+        "vocab_size": len(tokenizer),
+        "used_by": [name],
+        "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        "num_query_tokens": BLIP2_QUERY_TOKENS,
+    }
+
+
+def _add_folders(out: Path, corpus: list[str], manifest: dict, names: list[str], log: Log) -> dict:
+    """Add the missing :data:`ADDED_FOLDERS` to a complete older folder; extend its manifest."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        manifest = dict(manifest)
+        manifest["folders"] = dict(manifest.get("folders", {}))
+        manifest["tokenizers"] = dict(manifest.get("tokenizers", {}))
+        for name in names:
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+            entry, tokenizer = _build_added(out, corpus, manifest["seed"], name)
+            manifest["folders"][name] = entry
+            manifest["tokenizers"][name] = tokenizer
+            log(f"tiny: added {name}/ to {out}")
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
+    manifest["total_bytes"] = sum(m["bytes"] for m in manifest["folders"].values())
+    manifest["versions"] = _versions()
+    _write_manifest(out, manifest)
+    return manifest
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(out / MANIFEST)
+
+
 def _make_t5(tokenizer):
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -720,6 +845,9 @@ def _build(out: Path, corpus: list[str], wanted: dict, log: Log) -> dict:
         with _seeded(seed, "t5"):
             t5 = _make_t5(t5_tokenizer)
         made["t5"] = _save_model(t5, out / "t5", t5_tokenizer)
+        added_tokenizers = {}
+        for name in ADDED_FOLDERS:
+            made[name], added_tokenizers[name] = _build_added(out, corpus, seed, name)
         timings["language_folders"] = time.perf_counter() - t0
     finally:
         transformers.logging.set_verbosity(verbosity)
@@ -745,14 +873,13 @@ def _build(out: Path, corpus: list[str], wanted: dict, log: Log) -> dict:
                 "image_token_id": llava_tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
             },
             "t5": {"vocab_size": len(t5_tokenizer), "used_by": ["t5"]},
+            **added_tokenizers,
         },
         "vae_fit": vae_fit,
         "seconds": {k: round(v, 2) for k, v in timings.items()},
         "versions": _versions(),
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(out / MANIFEST)
+    _write_manifest(out, manifest)
     log(
         f"tiny: wrote {', '.join(FOLDERS)} ({total_bytes / 2**20:.1f} MiB) in "
         f"{timings['total']:.0f} s"

@@ -78,6 +78,7 @@ def test_manifest_describes_every_folder(built):
         "llama": "LlamaForCausalLM",
         "clip": "CLIPModel",
         "t5": "T5ForConditionalGeneration",
+        "blip2": "Blip2ForConditionalGeneration",
     }
     for entry in manifest["folders"].values():
         assert entry["parameters"] > 10_000 and entry["bytes"] > 10_000

@@ -14,7 +14,8 @@ class EditPredictionWriter(BasePredictionWriter):
     """Save each edited image as ``<output_dir>/<id>.png`` (or under the name the DataModule's
     ``prediction_path(id)`` gives, e.g. MagicBrush's official ``<img_id>/<img_id>_iter_2.png``)
     and append ``id``, ``instruction``,
-    ``image`` and (where the model makes one) ``expressive`` to ``predictions.jsonl``. Several
+    ``image`` and (where the model makes them) ``expressive`` and ``caption`` to
+    ``predictions.jsonl``. Several
     processes each write ``predictions.rank<k>.jsonl`` (the DataModule gives every sample to one
     process), and rank 0 joins them into ``predictions.jsonl`` at the end, ordered by rank.
 
@@ -61,6 +62,8 @@ class EditPredictionWriter(BasePredictionWriter):
                 }
                 if prediction.get("expressive") is not None:
                     record["expressive"] = prediction["expressive"][i]
+                if prediction.get("caption") is not None:  # MMIG's BLIP-2 caption (Eq. 4)
+                    record["caption"] = prediction["caption"][i]
                 index.write(json.dumps(record) + "\n")
 
     def on_predict_end(self, trainer, pl_module) -> None:
