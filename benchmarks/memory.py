@@ -122,6 +122,100 @@ def memory_report(counts: dict[str, int], frozen_bytes: int = 2) -> dict[str, fl
     }
 
 
+# --------------------------------------------------------------------------- InsightEdit
+
+
+def insightedit_parameter_counts(
+    llava_config: LlavaConfig = LLAVA_7B,
+    unet_config: dict = SD15_UNET,
+    vae_config: dict = SD15_VAE,
+    *,
+    num_mm_tokens: int = 32,
+    lora_r: int = 8,
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    text_stream: dict | None = None,
+    num_image_tokens: int = 4,
+) -> dict[str, int]:
+    """Parameter counts of InsightEdit's parts (``models/insightedit.py``, the 7B config of
+    ``experiments/insightedit.yaml``), built on the meta device. Trainable: LoRA on the language
+    model's ``q_proj``/``v_proj``, the r new rows of ``embed_tokens`` and ``lm_head``, the
+    Q-Former + queries, BIM, IAA (mapper + ``ImageProjection``), the UNet with the decoupled
+    attention's ``to_k_ip``/``to_v_ip``. Frozen: LLaVA-7B (with its whole vocabulary), a second
+    CLIP ViT-L/14 vision model with projection (``clip_path``: IAA targets, BIM features), the
+    CLIP-L text encoder of the diffusion folder (null text, stage-1 targets), the VAE."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionModelWithProjection
+
+    from models.components.bridging import ImageStream, TextStream
+    from models.components.decoupled_attention import install_decoupled_attention
+    from models.components.mm_tokens import add_lora
+
+    hidden = llava_config.text_config.hidden_size
+    vision = llava_config.vision_config
+    width = unet_config["cross_attention_dim"]
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(llava_config)
+        llava.resize_token_embeddings(
+            llava_config.text_config.vocab_size + num_mm_tokens, mean_resizing=False
+        )
+        lora = add_lora(llava.model.language_model, r=lora_r, target_modules=lora_targets)
+        clip = CLIPVisionModelWithProjection(vision)
+        text_encoder = CLIPTextModel(  # SD v1.x's CLIP ViT-L/14 text encoder
+            CLIPTextConfig(
+                hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, projection_dim=768,
+            )  # fmt: skip
+        )
+        unet = UNet2DConditionModel.from_config(unet_config)
+        baseline_unet = count(unet.parameters())
+        install_decoupled_attention(unet, num_image_tokens)
+        vae = AutoencoderKL.from_config(vae_config)
+        stream = TextStream(
+            hidden,
+            hidden_size=width,
+            image_feature_dim=vision.hidden_size,
+            unet_channels=unet_config["block_out_channels"][0],
+            **(text_stream or {}),
+        )
+        image = ImageStream(
+            hidden, image_embed_dim=vision.projection_dim, cross_attention_dim=width,
+            num_tokens=num_image_tokens,
+        )  # fmt: skip
+    lora_params = count(p for m in lora for p in m.parameters())
+    bim = [stream.bim_in, stream.image_in, stream.bim, stream.txt_out, stream.img_out]
+    return {
+        "lora": lora_params,
+        "new_token_rows": 2 * num_mm_tokens * hidden,
+        "qformer": count(stream.qformer.parameters()) + stream.query.numel(),
+        "bim": count(p for m in bim for p in m.parameters()),
+        "iaa": count(image.parameters()),
+        "unet": baseline_unet,
+        "decoupled_attention": count(unet.parameters()) - baseline_unet,
+        "mllm_frozen": count(llava.parameters()) - lora_params,
+        "clip_vision_frozen": count(clip.parameters()),
+        "text_encoder_frozen": count(text_encoder.parameters()),
+        "vae_frozen": count(vae.parameters()),
+    }
+
+
+def insightedit_memory_report(counts: dict[str, int], frozen_bytes: int = 2) -> dict[str, float]:
+    """GiB of weights, gradients and AdamW state in InsightEdit's stage 3 (every group trains;
+    stage 1 trains only ``qformer`` and ``new_token_rows``): bytes as :func:`memory_report`."""
+    frozen = sum(v for k, v in counts.items() if k.endswith("_frozen"))
+    trainable = sum(v for k, v in counts.items() if not k.endswith("_frozen"))
+    stage1 = counts["qformer"] + counts["new_token_rows"]
+    return {
+        "trainable_params": trainable,
+        "frozen_params": frozen,
+        "stage1_trainable_params": stage1,
+        "frozen_weights_gib": frozen * frozen_bytes / GIB,
+        "trainable_weights_gib": trainable * 4 / GIB,
+        "gradients_gib": trainable * 4 / GIB,
+        "adamw_state_gib": trainable * 8 / GIB,
+        "stage1_adamw_state_gib": stage1 * 8 / GIB,
+        "total_static_gib": (frozen * frozen_bytes + trainable * 16) / GIB,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num_img_tokens", type=int, default=8)

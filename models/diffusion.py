@@ -183,15 +183,21 @@ class EditDiffusion(nn.Module):
         Text is replaced by the null condition when r < 2p, the image latent is zeroed when
         p <= r < 3p: 5% text only, 5% both, 5% image only for p = 0.05.
         """
+        masks = self.dropout_masks(text.shape[0], text.device, generator)
+        return _apply_dropout(masks, text, null_text, image_latents)
+
+    def dropout_masks(
+        self, batch: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of :meth:`drop_conditions` from one uniform draw r per sample: ``drop_text``
+        (r < 2p) and ``keep_image`` (not p <= r < 3p), boolean ``[B]`` on ``device``. Other
+        conditions that belong with the text (InsightEdit's image tokens) drop on the same
+        rows (``loss(image_tokens=...)``)."""
         p = self.conditioning_dropout_prob
-        r = torch.rand(text.shape[0], device=_draw_device(generator, text), generator=generator).to(
-            text.device
-        )
-        drop_text = (r < 2 * p).view(-1, 1, 1)
-        text = torch.where(drop_text, null_text.expand_as(text).to(text.dtype), text)
-        keep_image = ~((r >= p) & (r < 3 * p))
-        image_latents = image_latents * keep_image.view(-1, 1, 1, 1).to(image_latents.dtype)
-        return text, image_latents
+        like = torch.empty(0, device=device)
+        r = torch.rand(batch, device=_draw_device(generator, like), generator=generator)
+        r = r.to(device)
+        return r < 2 * p, ~((r >= p) & (r < 3 * p))
 
     def loss(
         self,
@@ -200,6 +206,9 @@ class EditDiffusion(nn.Module):
         text: torch.Tensor,
         null_text: torch.Tensor,
         generator: torch.Generator | None = None,
+        *,
+        image_tokens: torch.Tensor | None = None,
+        null_image_tokens: torch.Tensor | None = None,
     ) -> DiffusionLoss:
         """The denoising loss of InstructPix2Pix (Eq. 2 of Brooks et al.), ε- or v-prediction.
 
@@ -208,6 +217,12 @@ class EditDiffusion(nn.Module):
         sample, the noise, the timesteps and the conditioning dropout) comes from
         ``generator``: training passes one per process and step (:func:`training_seeds`),
         validation a fixed one (a comparable loss).
+
+        ``image_tokens`` [B, N, D] (optional; with ``null_image_tokens`` [1, N, D]) are extra
+        condition tokens for a UNet with decoupled cross-attention (diffusers' IP-Adapter
+        convention, ``encoder_hidden_states=(text, [image_tokens])``; InsightEdit's ``f_img``):
+        they are replaced by their null on exactly the rows whose text is dropped (the same
+        draw, :meth:`dropout_masks`); without them the loss is unchanged.
         """
         with torch.no_grad():
             latents, image_latents = self.encode_pair(target, source, generator)
@@ -229,10 +244,19 @@ class EditDiffusion(nn.Module):
             goal = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        if image_tokens is not None and null_image_tokens is None:
+            raise ValueError("loss: image_tokens need null_image_tokens (their dropped value)")
         if self.conditioning_dropout_prob > 0:
-            text, image_latents = self.drop_conditions(text, null_text, image_latents, generator)
+            masks = self.dropout_masks(text.shape[0], text.device, generator)
+            text, image_latents = _apply_dropout(masks, text, null_text, image_latents)
+            if image_tokens is not None:
+                null = null_image_tokens.expand_as(image_tokens).to(image_tokens.dtype)
+                image_tokens = torch.where(masks[0].view(-1, 1, 1), null, image_tokens)
         model_input = torch.cat([noisy, image_latents.to(noisy.dtype)], dim=1)
-        pred = self.unet(model_input, timesteps, encoder_hidden_states=text, return_dict=False)[0]
+        condition = text if image_tokens is None else (text, [image_tokens.to(text.dtype)])
+        pred = self.unet(
+            model_input, timesteps, encoder_hidden_states=condition, return_dict=False
+        )[0]
         loss = nn.functional.mse_loss(pred.float(), goal.float())
         return DiffusionLoss(loss=loss, timesteps=timesteps)
 
@@ -314,6 +338,20 @@ def training_seeds(seed: int, rank: int, step: int, micro_batch: int = 0) -> tup
     entropy = [int(v) % 2**64 for v in (seed, rank, step, micro_batch)]
     first, second = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint64)
     return int(first), int(second)
+
+
+def _apply_dropout(
+    masks: tuple[torch.Tensor, torch.Tensor],
+    text: torch.Tensor,
+    null_text: torch.Tensor,
+    image_latents: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text → its null on the ``drop_text`` rows, image latents zeroed off the ``keep_image``
+    rows (:meth:`EditDiffusion.dropout_masks`)."""
+    drop_text, keep_image = masks
+    text = torch.where(drop_text.view(-1, 1, 1), null_text.expand_as(text).to(text.dtype), text)
+    image_latents = image_latents * keep_image.view(-1, 1, 1, 1).to(image_latents.dtype)
+    return text, image_latents
 
 
 def _draw_device(generator: torch.Generator | None, like: torch.Tensor) -> torch.device:
