@@ -1,7 +1,8 @@
 """``python -m editbench benchmark``: edit latency and training-step time of InsPix2Pix against
 diffusers' pipeline and a hand-written diffusers training step, as ratios (target: edit ≤ 1.05,
 train step ≤ 1.10); with ``--mgie``, MGIE's inference time against its "- L_ins" ablation
-(:mod:`benchmarks.mgie_inference`)."""
+(:mod:`benchmarks.mgie_inference`); with ``--insightedit``, a tiny InsightEdit training step
+against tiny MGIE's (:mod:`benchmarks.insightedit_bench`)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mgie_ckpt", default=None, help="a trained MGIE checkpoint")
     parser.add_argument("--no_lins_ckpt", default=None, help="a trained '- L_ins' checkpoint")
     parser.add_argument("--mgie_steps", type=int, default=20)
+    parser.add_argument(
+        "--insightedit",
+        action="store_true",
+        help="also time a tiny InsightEdit training step against tiny MGIE's",
+    )
     parser.add_argument("--output", default=None, help="also write the JSON result here")
     return parser
 
@@ -69,6 +75,12 @@ def main(argv: list[str]) -> int:
             # the tiny presets' edit head (experiments/tiny/mgie_e2e.yaml)
             head={"edit_head_dim": 64, "edit_head_heads": 4, "edit_head_layers": 2,
                   "edit_head_ff": 128} if tiny else None,
+        )
+    if args.insightedit:
+        from benchmarks.insightedit_bench import bench_insightedit_step
+
+        result["insightedit_step"] = bench_insightedit_step(
+            Path(args.mllm_path).parent, repeats=max(1, args.repeats // 2)
         )
     text = json.dumps(result, indent=2)
     print(text)

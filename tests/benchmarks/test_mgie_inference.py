@@ -1,5 +1,6 @@
-"""``python -m editbench benchmark --mgie``: MGIE against its "- L_ins" ablation through the
-command, on the tiny folders (no timing is asserted; the guidance lengths are)."""
+"""``python -m editbench benchmark --mgie --insightedit``: MGIE against its "- L_ins" ablation
+(and a tiny InsightEdit step against tiny MGIE's) through the command, on the tiny folders (no
+timing is asserted; the guidance lengths are)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,15 @@ def test_benchmark_reports_no_lins_inference_beside_mgie(tiny_dir, tmp_path, mon
     out = tmp_path / "bench.json"
     args = [
         "benchmark", "--diffusion_path", str(tiny_dir / "instruct-pix2pix"),
-        "--mllm_path", str(tiny_dir / "llava"), "--mgie", "--mgie_steps", "1",
+        "--mllm_path", str(tiny_dir / "llava"), "--mgie", "--mgie_steps", "1", "--insightedit",
         "--edit_batch", "1", "--edit_steps", "1", "--train_batch", "2", "--repeats", "1",
         "--output", str(out),
     ]  # fmt: skip
     assert main(args) == 0
-    result = json.loads(out.read_text())["mgie_inference"]
+    written = json.loads(out.read_text())
+    step = written["insightedit_step"]  # issue 14: tiny InsightEdit's step beside tiny MGIE's
+    assert step["ratio"] == pytest.approx(step["insightedit_s"] / step["mgie_s"])
+    result = written["mgie_inference"]
     assert result["max_new_tokens"] == {"mgie": 4, "no_lins": 24}
     # Untrained tiny LLM: each generates up to its budget (the -L_ins guidance is longer).
     assert result["guidance_tokens"]["mgie"] <= 4 < result["guidance_tokens"]["no_lins"] <= 24
