@@ -205,7 +205,8 @@ def test_fast_dev_run(tiny_dir, synthetic_root, tmp_path):
 def test_every_experiment_config_parses(config, capsys):
     """Every config parses; a diff file (first line `# base: FILE`) is layered on its base."""
     first = (REPO / config).read_text().splitlines()[0]
-    layers = ["-c", str(REPO / first.split(":", 1)[1].strip())] if first.startswith("# base:") else []
+    bases = first.split(":", 1)[1].split() if first.startswith("# base:") else []  # one or more
+    layers = [arg for base in bases for arg in ("-c", str(REPO / base))]
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *layers, "-c", str(REPO / config), "--print_config"])
     assert exit_info.value.code in (0, None)

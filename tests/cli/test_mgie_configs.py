@@ -23,7 +23,8 @@ CONFIGS = sorted(
 def layers(config: str) -> list[str]:
     """``-c base -c diff`` for a diff file (first line ``# base: FILE``), else ``-c config``."""
     first = (REPO / config).read_text().splitlines()[0]
-    base = ["-c", str(REPO / first.split(":", 1)[1].strip())] if first.startswith("# base:") else []
+    bases = first.split(":", 1)[1].split() if first.startswith("# base:") else []  # one or more
+    base = [arg for base in bases for arg in ("-c", str(REPO / base))]
     return [*base, "-c", str(REPO / config)]
 
 

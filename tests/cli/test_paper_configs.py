@@ -54,7 +54,8 @@ def printed(capsys, subcommand: str, *args: str) -> dict:
 def layers(config: Path) -> list[str]:
     """``-c base -c diff`` for a diff file (first line ``# base: FILE``), else ``-c config``."""
     first = config.read_text().splitlines()[0]
-    base = ["-c", str(REPO / first.split(":", 1)[1].strip())] if first.startswith("# base:") else []
+    bases = first.split(":", 1)[1].split() if first.startswith("# base:") else []  # one or more
+    base = [arg for base in bases for arg in ("-c", str(REPO / base))]
     return [*base, "-c", str(config)]
 
 
