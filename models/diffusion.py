@@ -77,6 +77,13 @@ class DiffusionLoss:
     timesteps: torch.Tensor
 
 
+def uses_guidance(guidance_scale: float, image_guidance_scale: float) -> bool:
+    """Whether :meth:`EditDiffusion.sample` runs the three guidance branches ``[text, image,
+    none]`` (αX > 1 and αV ≥ 1) or the conditional branch alone: callers that feed the UNet
+    per-row extras (image tokens, MMSM rows) size them by it."""
+    return guidance_scale > 1.0 and image_guidance_scale >= 1.0
+
+
 class EditDiffusion(nn.Module):
     """VAE + image-conditioned UNet + schedulers, with InstructPix2Pix training and sampling.
 
@@ -289,7 +296,7 @@ class EditDiffusion(nn.Module):
         device, dtype = source.device, torch.float32
         unet_dtype = self.unet.dtype
         batch = source.shape[0]
-        guided = guidance_scale > 1.0 and image_guidance_scale >= 1.0
+        guided = uses_guidance(guidance_scale, image_guidance_scale)
 
         scheduler.set_timesteps(num_inference_steps, device=device)
         image_latents = self.encode_condition(source).to(dtype)

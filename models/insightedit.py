@@ -67,6 +67,7 @@ from models.components.decoupled_attention import (
 from models.components.lm_loading import frozen_prefixes
 from models.components.mllm import IGNORE_INDEX, MLLM, labelled_lm_loss
 from models.components.mm_tokens import NewTokenRows, add_lora
+from models.diffusion import uses_guidance
 from models.inspix2pix import InsPix2Pix
 from models.stages import STAGE_KEY, Stage
 
@@ -441,7 +442,7 @@ class InsightEdit(InsPix2Pix):
         unet = self.diffusion.unet
         with ExitStack() as stack:
             if f_img is not None:
-                guided = text_scale > 1.0 and image_gs >= 1.0  # EditDiffusion.sample's branches
+                guided = uses_guidance(text_scale, image_gs)
                 null = self.image_stream.null_tokens()
                 tokens = guidance_image_tokens(f_img, null) if guided else f_img
                 stack.enter_context(image_tokens(unet, tokens))

@@ -65,6 +65,7 @@ from models.components.dem import (
 from models.components.mllm import PROMPT_TEMPLATE
 from models.components.mmig_llm import DescriptionLLM
 from models.components.mmsm import MMSM, UNetFeatureHook, mmsm_loss
+from models.diffusion import uses_guidance
 from models.inspix2pix import InsPix2Pix
 from models.mgie import MGIE
 
@@ -455,7 +456,7 @@ class MMIG(InsPix2Pix):
         gs = self.guidance_scale if guidance_scale is None else guidance_scale
         ig = self.image_guidance_scale if image_guidance_scale is None else image_guidance_scale
         b = source.shape[0]
-        guided = gs > 1.0 and ig >= 1.0  # EditDiffusion.sample's branches [text, image, none]
+        guided = uses_guidance(gs, ig)
         k = 3 if guided else 1
         on = torch.zeros(k * b, dtype=torch.bool, device=self.device)
         on[:b] = True
