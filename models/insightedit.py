@@ -48,14 +48,12 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 from transformers.utils import logging as hf_logging
 
 from models.base import EditOutput
-from models.checkpoint import read_checkpoint
 from models.components.bridging import ImageStream, TextStream, iaa_loss
 from models.components.decoupled_attention import (
     add_after_conv_in,
@@ -191,7 +189,7 @@ class InsightEdit(InsPix2Pix):
             return
         super().configure_model()  # EditDiffusion + the frozen CLIP text encoder
         if self.unet_init_from is not None:
-            self._init_unet(self.unet_init_from)
+            self.init_unet_from(self.unet_init_from)
         self.mllm = MLLM(
             self.mllm_path,
             num_img_tokens=self.num_mm_tokens,
@@ -250,27 +248,6 @@ class InsightEdit(InsPix2Pix):
             for module in modules:
                 module.requires_grad_(True)
         self.text_stream.query.requires_grad_(True)
-
-    def _init_unet(self, path: str) -> None:
-        """The UNet (and a trained CLIP text encoder) of an editbench InsPix2Pix checkpoint, before
-        the decoupled attention is installed (its ``to_k_ip``/``to_v_ip`` copy ``to_k``/``to_v``)."""
-        checkpoint = read_checkpoint(
-            path,
-            what="unet_init_from checkpoint",
-            hint="the tiny InsightEdit presets start from the quickstart model: run `python -m "
-            "editbench fit -c experiments/quickstart.yaml` first, or set "
-            "model.init_args.unet_init_from null",
-        )
-        ema = self.prefer_ema_weights and checkpoint.has_ema
-        unet = checkpoint.submodule("diffusion.unet.", ema=ema)
-        if not unet:
-            raise FileNotFoundError(f"{path} holds no diffusion.unet.* weights")
-        self.diffusion.unet.load_state_dict(unet, strict=True)
-        text = checkpoint.submodule("text_encoder.", ema=ema)
-        if text:
-            self.text_encoder.load_state_dict(text, strict=True)
-            self._null_text = None
-        rank_zero_info(f"initialised the UNet{' and text encoder' if text else ''} from {path}")
 
     def stage_groups(self) -> dict[str, list[nn.Module]]:
         """``qformer`` (+ the query parameter, :meth:`apply_stage`), ``new_tokens``, ``lora``,

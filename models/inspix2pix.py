@@ -6,9 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoTokenizer, CLIPTextModel
 
 from models.base import EditModel, EditOutput
+from models.checkpoint import read_checkpoint
 from models.diffusion import EditDiffusion
 from models.stages import StagedModel
 
@@ -176,6 +178,31 @@ class InsPix2Pix(StagedModel, EditModel):
         """The text condition [B, 77, D], its null [1, 77, D], and no expressive instructions;
         models with other guidance override this."""
         return self.encode_text(instructions), self.null_text(), None
+
+    def init_unet_from(self, path: str) -> None:
+        """The UNet (and a trained CLIP text encoder) of an editbench InsPix2Pix checkpoint, for a
+        model's ``unet_init_from`` (MGIE, LGIE, InsightEdit and MMIG start their diffusion model
+        from a trained one); its EMA weights when it has them and ``prefer_ema_weights``."""
+        checkpoint = read_checkpoint(
+            path,
+            what="unet_init_from checkpoint",
+            hint="the tiny presets start from the quickstart model: run `python -m editbench fit "
+            "-c experiments/quickstart.yaml` first, or set model.init_args.unet_init_from null",
+        )
+        ema = self.prefer_ema_weights and checkpoint.has_ema
+        unet = checkpoint.submodule("diffusion.unet.", ema=ema)
+        if not unet:
+            raise FileNotFoundError(
+                f"{path} holds no diffusion.unet.* weights (not an editbench model)"
+            )
+        self.diffusion.unet.load_state_dict(unet, strict=True)
+        kind = " (its EMA weights)" if ema else ""
+        rank_zero_info(f"initialised the UNet from {path}{kind}")
+        text = checkpoint.submodule("text_encoder.", ema=ema)
+        if text and self.text_encoder is not None:
+            self.text_encoder.load_state_dict(text, strict=True)
+            self._null_text = None
+            rank_zero_info(f"initialised the CLIP text encoder from {path}{kind}")
 
     def render(
         self,

@@ -44,7 +44,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from models.checkpoint import read_checkpoint
 from models.components.edit_head import EditHead
 from models.components.expressive import (
     TEXT_PROMPT_TEMPLATE,
@@ -287,7 +286,7 @@ class MGIE(InsPix2Pix):
         if self.release_mllm is not None or self.release_unet is not None:
             self._apply_release()
         if self.unet_init_from is not None:
-            self._init_unet(self.unet_init_from)
+            self.init_unet_from(self.unet_init_from)
 
     def _llm_prefixes(self) -> list[str]:
         """State-dict prefixes (in ``self.mllm``) of the LLM's layers and final norm."""
@@ -324,31 +323,6 @@ class MGIE(InsPix2Pix):
         weights = load_release(self.release_mllm, self.release_unet)
         apply_release(self.mllm, self.edit_head, self.diffusion.unet, weights)
         rank_zero_info(f"applied the MGIE release {self.release_mllm} / {self.release_unet}")
-
-    def _init_unet(self, path: str) -> None:
-        """The UNet (and a trained CLIP text encoder) of an editbench InsPix2Pix checkpoint; its
-        EMA weights when it has them and ``prefer_ema_weights``."""
-        checkpoint = read_checkpoint(
-            path,
-            what="unet_init_from checkpoint",
-            hint="the tiny MGIE/LGIE presets start from the quickstart model: run `python -m "
-            "editbench fit -c experiments/quickstart.yaml` first, or set "
-            "model.init_args.unet_init_from null",
-        )
-        ema = self.prefer_ema_weights and checkpoint.has_ema
-        unet = checkpoint.submodule("diffusion.unet.", ema=ema)
-        if not unet:
-            raise FileNotFoundError(
-                f"{path} holds no diffusion.unet.* weights (not an editbench model)"
-            )
-        self.diffusion.unet.load_state_dict(unet, strict=True)
-        kind = " (its EMA weights)" if ema else ""
-        rank_zero_info(f"initialised the UNet from {path}{kind}")
-        text = checkpoint.submodule("text_encoder.", ema=ema)
-        if text and self.text_encoder is not None:
-            self.text_encoder.load_state_dict(text, strict=True)
-            self._null_text = None
-            rank_zero_info(f"initialised the CLIP text encoder from {path}{kind}")
 
     def train(self, mode: bool = True):
         """The MLLM (only its embeddings and head train; no dropout in frozen layers) and the

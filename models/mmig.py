@@ -67,7 +67,6 @@ from models.components.mmig_llm import DescriptionLLM
 from models.components.mmsm import MMSM, UNetFeatureHook, mmsm_loss
 from models.diffusion import uses_guidance
 from models.inspix2pix import InsPix2Pix
-from models.mgie import MGIE
 
 LOSS_TERMS = ("loss_mmt", "loss_mmsm", "loss_sdm", "loss_fg", "loss_bg", "loss_as", "loss_ar",
               "loss_blip2")  # fmt: skip
@@ -208,7 +207,7 @@ class MMIG(InsPix2Pix):
             self.blip2.query_tokens.requires_grad_(True)
         self.frozen_modules = self._frozen_prefixes()
         if self.unet_init_from is not None:
-            MGIE._init_unet(self, self.unet_init_from)
+            self.init_unet_from(self.unet_init_from)
 
     def _frozen_prefixes(self) -> tuple[str, ...]:
         prefixes = ["diffusion.vae"] + ([] if self.train_text_encoder else ["text_encoder"])
