@@ -105,6 +105,17 @@ def mgie_parameter_counts(
     }
 
 
+def checkpoint_sizes(trainable: int) -> dict[str, float]:
+    """GiB on disk: a ``fit`` checkpoint holds the trainable weights (float32) and AdamW's two
+    moments, not the frozen weights (models/base.py); an EMA adds one float32 copy; ``export``
+    writes the trainable weights alone (editbench/commands/export.py)."""
+    return {
+        "checkpoint_gib": trainable * 12 / GIB,
+        "checkpoint_with_ema_gib": trainable * 16 / GIB,
+        "export_gib": trainable * 4 / GIB,
+    }
+
+
 def memory_report(counts: dict[str, int], frozen_bytes: int = 2) -> dict[str, float]:
     """GiB of weights, gradients and AdamW state under MGIE's trainable/frozen split."""
     trainable = counts["embed_tokens"] + counts["lm_head"] + counts["edit_head"] + counts["unet"]
@@ -119,6 +130,7 @@ def memory_report(counts: dict[str, int], frozen_bytes: int = 2) -> dict[str, fl
         "frozen_gradients_gib": 0.0,
         "frozen_adamw_state_gib": 0.0,
         "total_static_gib": (frozen * frozen_bytes + trainable * 16) / GIB,
+        **checkpoint_sizes(trainable),
     }
 
 
@@ -213,6 +225,7 @@ def insightedit_memory_report(counts: dict[str, int], frozen_bytes: int = 2) -> 
         "adamw_state_gib": trainable * 8 / GIB,
         "stage1_adamw_state_gib": stage1 * 8 / GIB,
         "total_static_gib": (frozen * frozen_bytes + trainable * 16) / GIB,
+        **checkpoint_sizes(trainable),
     }
 
 

@@ -21,12 +21,11 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
+from datamodules.decode import decode
 from datamodules.native import (
     EvalResize,
     align_to_source,
@@ -36,7 +35,13 @@ from datamodules.native import (
     model_box,
     native_box,
 )
-from datamodules.sampling import EvalDistributedSampler, process_layout, train_sampler
+from datamodules.sampling import (
+    EvalDistributedSampler,
+    ResumableDataLoader,
+    SeededSamples,
+    process_layout,
+    train_sampler,
+)
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +227,7 @@ class EditDataset(Dataset):
         record = self.records[index]
         path = record[key]
         try:
-            with Image.open(path) as image:
-                return F.pil_to_tensor(image.convert(mode))
+            return decode(path, mode)
         except (OSError, ValueError, SyntaxError) as err:  # missing, truncated, undecodable
             raise BadSampleError(
                 f"cannot read {key} image {path} (split {self.split!r}, row {index}, "
@@ -467,27 +471,33 @@ class EditDataModule(L.LightningDataModule):
         return None
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        """The split's loader. Under several processes the DataModule splits the data itself:
-        training shuffles with torch's `DistributedSampler`; evaluation gives every sample to
-        exactly one process, unpadded (`datamodules.sampling.EvalDistributedSampler`), so each
-        sample is scored and written once."""
+        """The split's loader. Training: a `datamodules.sampling.ResumableDataLoader` over a
+        `TrainSampler` (torch's shuffling `DistributedSampler`, one process too, with per-sample
+        augmentation seeds), which a checkpoint written mid-epoch resumes exactly. Under several
+        processes evaluation gives every sample to exactly one process, unpadded
+        (`datamodules.sampling.EvalDistributedSampler`), so each sample is scored and written
+        once."""
         if split not in self.datasets:
             self.datasets[split] = self.make_dataset(split)
         dataset = self.datasets[split]
         world_size, rank = process_layout(self.trainer)
+        if train:
+            return ResumableDataLoader(
+                SeededSamples(dataset),
+                sampler=train_sampler(dataset, world_size, rank),
+                batch_size=self.batch_size,
+                drop_last=True,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                collate_fn=self.collate_fn,
+            )
         sampler = None
         if world_size > 1:
-            sampler = (
-                train_sampler(dataset, world_size, rank)
-                if train
-                else EvalDistributedSampler(dataset, world_size, rank, self.eval_groups(split))
-            )
+            sampler = EvalDistributedSampler(dataset, world_size, rank, self.eval_groups(split))
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if train else (self.eval_batch_size or self.batch_size),
-            shuffle=train and sampler is None,
+            batch_size=self.eval_batch_size or self.batch_size,
             sampler=sampler,
-            drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=self.collate_fn,

@@ -19,6 +19,13 @@ def collate_common(samples: list) -> dict[str, Any]:
     return collate(samples)
 
 
+def member_spec(datamodule: EditDataModule) -> dict[str, Any]:
+    """``{"class_path", "init_args"}`` of a member DataModule: its class and saved
+    hyperparameters, plain values only."""
+    cls = type(datamodule)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(datamodule.hparams)}
+
+
 class ConcatEditDataModule(EditDataModule):
     """The union of other DataModules' splits, sampled in proportion to their sizes.
 
@@ -47,6 +54,9 @@ class ConcatEditDataModule(EditDataModule):
                     f"concatenation {resolution}: set the same value on every member"
                 )
         self.members = list(datamodules)
+        # Checkpoints record the members as the CLI writes them, not as pickled objects, which
+        # Lightning's weights-only load of a resumed fit (--ckpt_path) refuses.
+        self.hparams["datamodules"] = [member_spec(dm) for dm in self.members]
 
     def prepare_data(self) -> None:
         for dm in self.members:

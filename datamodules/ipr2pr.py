@@ -21,7 +21,6 @@ input caption, `goal_caption` = the output caption where present.
 from __future__ import annotations
 
 import bisect
-import io
 import json
 import logging
 import math
@@ -31,8 +30,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from PIL import Image
-from torchvision.transforms.v2 import functional as F
+
+from datamodules.decode import decode
 
 from .base import BadSampleError, EditDataModule, EditDataset, SkippedSample, read_json_list
 
@@ -259,13 +258,10 @@ class IPr2PrParquetDataset(_ResolvingDataset):
             else:
                 data, path = value, None
             if data:
-                handle = io.BytesIO(data)
-            elif path:
-                handle = Path(record["_shard"]).parent / path
-            else:
-                raise ValueError("no image bytes or path stored")
-            with Image.open(handle) as image:
-                return F.pil_to_tensor(image.convert(mode))
+                return decode(data, mode)
+            if path:
+                return decode(Path(record["_shard"]).parent / path, mode)
+            raise ValueError("no image bytes or path stored")
         except (OSError, ValueError, SyntaxError, TypeError) as err:
             raise BadSampleError(
                 f"cannot decode {key} image ({record[key]}; split {self.split!r}, "

@@ -52,7 +52,6 @@ Masks: decoded as 8-bit greyscale; pixels ≥ 128 (white) are the edit region (1
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -60,9 +59,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Sampler
-from torchvision.transforms.v2 import functional as F
+
+from datamodules.decode import decode
 
 from .base import BadSampleError, EditDataModule, EditDataset
 from .sampling import EvalDistributedSampler, process_layout
@@ -217,11 +216,9 @@ class MagicBrushDataset(EditDataset):
                 raise ValueError("no image stored")
             data = value.get("bytes")
             if data is not None:
-                with Image.open(io.BytesIO(data)) as image:
-                    return F.pil_to_tensor(image.convert(mode))
+                return decode(data, mode)
             if value.get("path"):  # a struct holding only a path: relative to the shard
-                with Image.open(Path(path).parent / value["path"]) as image:
-                    return F.pil_to_tensor(image.convert(mode))
+                return decode(Path(path).parent / value["path"], mode)
             raise ValueError("neither bytes nor a path stored")
         except (OSError, ValueError, SyntaxError) as err:
             raise BadSampleError(

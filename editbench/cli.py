@@ -12,11 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.base import BadSampleError, EditDataModule
 from editbench.callbacks import EditImageLogger, EditPredictionWriter, MultiTurnChaining
+from editbench.callbacks.dashboard import TensorBoardLayout
 from editbench.commands.expressive import CommandInputError
 from editbench.commands.report import ReportError
 from models.base import CheckpointMismatchError, EditModel
@@ -87,7 +89,11 @@ class EditbenchCLI(LightningCLI):
             parser_kwargs={"parser_mode": "omegaconf"},
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
-                "callbacks": [LearningRateMonitor(logging_interval="step"), MultiTurnChaining()],
+                "callbacks": [
+                    LearningRateMonitor(logging_interval="step"),
+                    MultiTurnChaining(),
+                    TensorBoardLayout(),
+                ],
                 # The DataModules split the data across processes themselves (evaluation
                 # unpadded, MagicBrush sessions whole: datamodules/sampling.py).
                 "use_distributed_sampler": False,
@@ -96,6 +102,16 @@ class EditbenchCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        """Rich's progress bar (fit, validate, test, predict) unless the config disables the bar
+        or names its own."""
+        given = [*(config.get("callbacks") or []), *callbacks]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in given
+        ):
+            callbacks = [*callbacks, RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning would overwrite the parsed model with the checkpoint's hyperparameters, so
@@ -159,6 +175,7 @@ EXTRA_COMMANDS = {
     "sweep": "editbench.commands.sweep",
     "report": "editbench.commands.report",
     "demo": "editbench.commands.demo",
+    "export": "editbench.commands.export",
 }
 
 EXTRA_HELP = """
@@ -169,6 +186,7 @@ editbench's own subcommands (each has --help):
   sweep       the αV trade-off of checkpoints: CLIP directional vs image similarity (CSV, plot)
   report      aggregate test_metrics.json of several runs into the paper's table layout
   demo        an interactive editing page (Gradio) for a checkpoint or config, on localhost
+  export      a checkpoint's trained parts as safetensors + export.json (what, from which bases)
 """
 
 

@@ -45,10 +45,11 @@ from metrics.collection import (
     check_metric_names,
     metric_inputs,
 )
-from metrics.distributed import align_list_states, global_counts
+from metrics.distributed import align_list_states, global_counts, is_distributed
 from metrics.native import NATIVE_DESCRIPTION, NativeBatch, has_native
 from metrics.pixel import at_least_float32
 from metrics.protocols import MAGICBRUSH_BACKBONES, Protocol, aggregation_indices
+from metrics.samples import record_samples
 
 #: Default backbone folders, under ``$EDITBENCH_BACKBONES`` (default
 #: ``~/.cache/editbench/backbones``), of a protocol that names none: MagicBrush's CLIP ViT-B/32
@@ -149,6 +150,72 @@ class EditEvaluator(nn.Module):
         self._local_counts = dict.fromkeys(protocol.aggregations, 0)
         self._global_counts: dict[str, int] | None = None
         self._scored = {"native": 0, "model": 0, "boxes": 0}
+        self._recording = False
+        self._rows: list[dict[str, Any]] = []
+        self._unnamed = 0
+
+    # ------------------------------------------------------------------ per-sample rows
+    def record_samples(self, on: bool = True) -> list[str]:
+        """Keep one row per sample, aggregation, system and per-image metric (see
+        :meth:`samples`); returns the metric names that record (the others, FID/KID/VIEScore,
+        are set-level or judge metrics without per-sample rows)."""
+        self._recording = on
+        self._rows = []
+        recorded = []
+        for group in (self.model_metrics, self.copy_metrics):
+            for metrics in group.values():
+                for name, metric in metrics.items():
+                    if record_samples(metric, on) and name not in recorded:
+                        recorded.append(name)
+        return [n for n in self.names if n in recorded]
+
+    def sample_reductions(self) -> dict[str, str]:
+        """Per recorded metric: how its aggregate follows from its rows
+        (:data:`metrics.samples.REDUCTIONS`)."""
+        metrics = self.model_metrics[self.protocol.default_aggregation]
+        return {
+            name: metric.sample_reduction
+            for name, metric in metrics.items()
+            if getattr(metric, "_recording", False)
+        }
+
+    def _record(self, name: str, metric: Metric, fields: dict, aggregation: str, copy: bool) -> None:
+        values = metric.take_samples() if hasattr(metric, "take_samples") else []
+        if not values:
+            return
+        ids = list(fields["id"])
+        if len(values) != len(ids):
+            raise RuntimeError(f"{name} recorded {len(values)} values for {len(ids)} samples")
+        sessions, turns = fields.get("session"), fields.get("turn")
+        for i, (sample_id, value) in enumerate(zip(ids, values, strict=True)):
+            self._rows.append(
+                {
+                    "id": str(sample_id),
+                    "dataset": self.protocol.name,
+                    "session": None if sessions is None else str(sessions[i]),
+                    "turn": None if turns is None else int(turns[i]),
+                    "aggregation": aggregation,
+                    "system": "copy" if copy else "model",
+                    "metric": name,
+                    **value,
+                }
+            )
+
+    def samples(self) -> list[dict[str, Any]]:
+        """Every process's rows, on every process (one ``all_gather_object`` under DDP, a
+        collective: call it on every rank), one per (sample id, aggregation, system, metric):
+        a repeat of a key (a padded sample) is dropped, sorted by aggregation, system, metric
+        and id."""
+        gathered = [self._rows]
+        if is_distributed():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, self._rows)
+        unique: dict[tuple, dict[str, Any]] = {}
+        for rows in gathered:
+            for row in rows or []:
+                key = (row["aggregation"], row["system"], row["metric"], row["id"])
+                unique.setdefault(key, row)
+        return [unique[k] for k in sorted(unique)]
 
     # ------------------------------------------------------------------ update
     @staticmethod
@@ -181,7 +248,13 @@ class EditEvaluator(nn.Module):
                 chosen[key] = value
         return chosen
 
-    def _update(self, metrics: nn.ModuleDict, fields: dict[str, Any]) -> None:
+    def _update(
+        self,
+        metrics: nn.ModuleDict,
+        fields: dict[str, Any],
+        aggregation: str | None = None,
+        copy: bool = False,
+    ) -> None:
         for name, metric in metrics.items():
             inputs = metric_inputs(name, metric)
             missing = [k for k in inputs if fields.get(k) is None]
@@ -193,6 +266,8 @@ class EditEvaluator(nn.Module):
                     f"that has them"
                 )
             metric.update(*[fields[k] for k in inputs])
+            if self._recording:
+                self._record(name, metric, fields, aggregation or "all", copy)
 
     def _groups(self, fields: dict, native: NativeBatch | None, index: Tensor | None) -> list[dict]:
         """The fields of the chosen samples, one dict per native size (one dict without
@@ -212,6 +287,9 @@ class EditEvaluator(nn.Module):
         baseline, ``preds = source``), for every aggregation; at native resolution when the
         batch carries ``target_native``."""
         fields = self._fields(batch, preds)
+        if fields.get("id") is None:  # hand-built batches: positional ids
+            start, self._unnamed = self._unnamed, self._unnamed + len(fields["preds"])
+            fields["id"] = [f"sample{start + i}" for i in range(len(fields["preds"]))]
         native = NativeBatch(batch, fields["preds"]) if has_native(batch) else None
         self._scored["native" if native is not None else "model"] += len(fields["preds"])
         self._scored["boxes"] += native.boxes if native is not None else 0
@@ -223,7 +301,7 @@ class EditEvaluator(nn.Module):
                     continue
                 for chosen in self._groups(fields, native, index):
                     self._local_counts[aggregation] += len(chosen["preds"])
-                    self._update(self.model_metrics[aggregation], chosen)
+                    self._update(self.model_metrics[aggregation], chosen, aggregation)
                     if len(self.copy_metrics[aggregation]):
                         self._update_copy(aggregation, chosen, native is not None)
 
@@ -235,7 +313,9 @@ class EditEvaluator(nn.Module):
                 f"the copy-the-input baseline needs the batch field {key}, which samples {ids} "
                 "lack; set copy_baseline=False or use data that has it"
             )
-        self._update(self.copy_metrics[aggregation], chosen | {"preds": chosen["source"]})
+        self._update(
+            self.copy_metrics[aggregation], chosen | {"preds": chosen["source"]}, aggregation, True
+        )
 
     # ------------------------------------------------------------------ results
     def _key(self, name: str, aggregation: str, copy: bool) -> list[str]:
@@ -329,6 +409,8 @@ class EditEvaluator(nn.Module):
         self._local_counts = dict.fromkeys(self.protocol.aggregations, 0)
         self._global_counts = None
         self._scored = {"native": 0, "model": 0, "boxes": 0}
+        self._rows = []
+        self._unnamed = 0
 
 
 def _metric_device(evaluator: EditEvaluator) -> torch.device:

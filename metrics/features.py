@@ -59,6 +59,7 @@ from metrics.ip2p import (
     preprocess_instructpix2pix,
 )
 from metrics.pixel import at_least_float32, to_unit_range
+from metrics.samples import SampleRecorder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -287,7 +288,7 @@ def _check_captions(name: str, captions: Any, batch: int, arg: str) -> list[str]
 # --------------------------------------------------------------------------- metrics
 
 
-class _CosineMetric(Metric):
+class _CosineMetric(SampleRecorder, Metric):
     """Mean over images of a per-image cosine (states ``sum_cos``, ``num_images``)."""
 
     is_differentiable = True
@@ -309,6 +310,7 @@ class _CosineMetric(Metric):
     def _add(self, per_image: Tensor) -> None:
         self.sum_cos += per_image.sum().to(self.sum_cos.dtype)
         self.num_images += per_image.numel()
+        self.record(per_image)
 
     def compute(self) -> Tensor:
         """The mean over images of the per-image cosine (nan when no image was seen)."""

@@ -31,6 +31,7 @@ from torchmetrics import Metric
 from torchvision.models import AlexNet_Weights, SqueezeNet1_1_Weights, VGG16_Weights
 
 from metrics.pixel import ResizeMode, _check_resize_mode, at_least_float32, prepare_pair
+from metrics.samples import SampleRecorder
 
 LpipsNet = Literal["alex", "vgg", "squeeze"]
 _NETS = ("alex", "vgg", "squeeze")
@@ -149,7 +150,7 @@ def build_lpips_network(
     return model
 
 
-class LPIPS(Metric):
+class LPIPS(SampleRecorder, Metric):
     """Learned perceptual image patch similarity (LPIPS v0.1), on the ``lpips`` package.
 
     Images in ``[-1, 1]`` are mapped to ``[0, 1]`` and, if ``preds`` and ``target`` differ in
@@ -244,6 +245,7 @@ class LPIPS(Metric):
             ).flatten()
         self.sum_lpips += per_image.sum()
         self.num_images += per_image.numel()
+        self.record(per_image)
 
     def compute(self) -> Tensor:
         """The mean over images of the per-image LPIPS (nan when no image was seen)."""

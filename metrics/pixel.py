@@ -36,6 +36,8 @@ from torchmetrics.functional.image import (
 )
 from torchmetrics.utilities import rank_zero_warn
 
+from metrics.samples import SampleRecorder
+
 ResizeMode = Literal["bilinear", "bicubic"]
 _RESIZE_MODES = ("bilinear", "bicubic")
 
@@ -106,7 +108,7 @@ def prepare_pair(
     return preds01.to(dtype), target01.to(dtype)
 
 
-class L1(Metric):
+class L1(SampleRecorder, Metric):
     """Mean absolute error on ``[0, 1]`` images, as in MagicBrush's evaluation.
 
     Per image: the mean of ``|preds - target|`` over all pixels and channels of the ``[0, 1]``
@@ -153,6 +155,7 @@ class L1(Metric):
         per_image = (preds01 - target01).abs().flatten(1).mean(dim=1)
         self.sum_l1 += per_image.sum()
         self.num_images += per_image.numel()
+        self.record(per_image)
 
     def compute(self) -> Tensor:
         """The mean over images of the per-image L1 (nan when no image was seen)."""
@@ -215,6 +218,7 @@ class MaskedL1(L1):
         self.sum_l1 += torch.where(scored, per_image, torch.zeros_like(per_image)).sum()
         self.num_images += scored.sum()
         self.num_empty += (~scored).sum()
+        self.record(per_image, valid=scored)
 
     def compute(self) -> Tensor:
         """The mean over scored images of the per-image masked L1 (nan if none was scored)."""
@@ -229,7 +233,7 @@ class MaskedL1(L1):
         return self.sum_l1 / self.num_images
 
 
-class SSIM(Metric):
+class SSIM(SampleRecorder, Metric):
     """Structural similarity on ``[0, 1]`` images, with torchmetrics' SSIM semantics.
 
     Images are mapped to ``[0, 1]`` (``x / 2 + 0.5``, clamped), ``preds`` is resized to the
@@ -323,6 +327,7 @@ class SSIM(Metric):
             per_image = structural_similarity_index_measure(preds01, target01, **kwargs)
         self.sum_ssim += per_image.sum()
         self.num_images += per_image.numel()
+        self.record(per_image)
 
     def compute(self) -> Tensor:
         """The mean over images of the per-image SSIM (nan when no image was seen)."""
@@ -334,7 +339,7 @@ PSNR_DATA_RANGE = 1.0
 PSNRReduction = Literal["image", "pooled"]
 
 
-class PSNR(Metric):
+class PSNR(SampleRecorder, Metric):
     """Peak signal-to-noise ratio in dB on ``[0, 1]`` images (``data_range=1.0``, explicit).
 
     Images are mapped to ``[0, 1]`` (``x / 2 + 0.5``, clamped) and ``preds`` is resized to the
@@ -419,6 +424,17 @@ class PSNR(Metric):
         self.sum_squared_error += squared.sum()
         self.num_values += squared.numel()
         self.num_images += per_image.numel()
+        per_image_squared = squared.flatten(1)
+        self.record(
+            per_image,
+            sse=per_image_squared.sum(dim=1),
+            n=per_image_squared.new_full((len(per_image),), per_image_squared.shape[1]),
+        )
+
+    @property
+    def sample_reduction(self) -> str:  # type: ignore[override]
+        """``mean`` of the per-image PSNR, or the pooled PSNR from per-image ``sse``/``n``."""
+        return "mean" if self.reduction == "image" else "pooled_psnr"
 
     def compute(self) -> Tensor:
         """The mean per-image PSNR (``"image"``) or the pooled PSNR (``"pooled"``), in dB."""

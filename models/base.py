@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MetricCollection
@@ -36,6 +37,12 @@ from models.checkpoint import (
 )
 from models.diffusion import training_seeds
 from models.ema import TrainableEMA
+from models.optim import (
+    build_lr_scheduler,
+    build_optimizer,
+    check_schedule_name,
+    optimizer_config,
+)
 
 # Test results are torchmetrics values, already synced across processes by compute(); Lightning
 # would recommend sync_dist for every one of them.
@@ -63,17 +70,26 @@ class EditModel(L.LightningModule):
     """Base LightningModule of the editing models.
 
     Args:
-        learning_rate: AdamW learning rate (of the diffusion side; models with several
-            parameter groups add their own rates).
-        weight_decay: AdamW weight decay.
-        adam_betas: AdamW betas.
+        learning_rate: the learning rate (of the diffusion side; models with several
+            parameter groups add their own rates; a stage may set its own).
+        optimizer: the optimizer class and its arguments from the config (LightningCLI's
+            ``OptimizerCallable``, e.g. ``class_path: bitsandbytes.optim.AdamW8bit``), applied
+            to the model's parameter groups, each at its own or ``learning_rate`` (an ``lr``
+            among its arguments is overridden); ``None``: AdamW with ``adam_betas`` and
+            ``weight_decay`` (:mod:`models.optim`).
+        weight_decay: AdamW weight decay (the default optimizer's).
+        adam_betas: AdamW betas (the default optimizer's).
         warmup_steps: linear warm-up steps of the learning rate.
         warmup_ratio: the warm-up as a share of the run's optimizer steps instead
             (``trainer.estimated_stepping_batches``, which follows ``max_epochs``/``max_steps``,
             the data and the accumulation): ``ceil(ratio x total)`` steps, as Hugging Face's
             ``TrainingArguments.get_warmup_steps`` (the MGIE release's ``--warmup_ratio 0.03``).
             Not with ``warmup_steps``.
-        lr_schedule: ``constant`` or ``cosine`` (to zero at the end of training) after warm-up.
+        lr_schedule: ``constant`` or ``cosine`` (to zero at the end of training) after a
+            linear warm-up from ``1/warmup`` (torch's schedulers), or ``diffusers.<name>``, any
+            schedule of ``diffusers.optimization.get_scheduler`` (Hugging Face's, as
+            ``transformers.Trainer``'s ``--lr_scheduler_type``: warm-up from 0); see
+            :mod:`models.optim`.
         num_inference_steps: sampler steps in test and predict.
         guidance_scale: αX, the text guidance scale.
         image_guidance_scale: αV, the image guidance scale.
@@ -110,6 +126,10 @@ class EditModel(L.LightningModule):
         prefer_ema_weights: when a checkpoint holds EMA weights, ``test``, ``predict``,
             ``validate``, ``edit`` and ``init_from`` use them (False: the raw trained weights);
             ``uses_ema_weights`` tells which were loaded.
+        bundle_images: write the edited images into ``test``'s result bundle
+            (``images/<id>.png``, :mod:`metrics.bundle`): True, False, or None for "when the
+            split has at most ``metrics.bundle.IMAGE_LIMIT`` (500) samples"; the environment
+            variable ``EDITBENCH_BUNDLE_IMAGES`` (1/0) overrides it.
     """
 
     #: Prefixes of submodules whose weights are frozen, re-read from their paths on load and
@@ -120,6 +140,7 @@ class EditModel(L.LightningModule):
         self,
         *,
         learning_rate: float = 1e-4,
+        optimizer: OptimizerCallable | None = None,
         weight_decay: float = 1e-2,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
@@ -142,13 +163,14 @@ class EditModel(L.LightningModule):
         init_from: str | None = None,
         ema_decay: float | None = None,
         prefer_ema_weights: bool = True,
+        bundle_images: bool | None = None,
     ) -> None:
         super().__init__()
-        if lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        check_schedule_name(lr_schedule)
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or null, got {ema_decay}")
         self.learning_rate = learning_rate
+        self.optimizer_factory = optimizer
         self.weight_decay = weight_decay
         self.adam_betas = tuple(adam_betas)
         if warmup_ratio is not None:
@@ -178,6 +200,7 @@ class EditModel(L.LightningModule):
         self.init_from = init_from
         self.ema_decay = ema_decay
         self.prefer_ema_weights = prefer_ema_weights
+        self.bundle_images = bundle_images
         #: Whether the weights loaded from a checkpoint for evaluation are its EMA weights.
         self.uses_ema_weights = False
         self._ema: TrainableEMA | None = None
@@ -287,21 +310,17 @@ class EditModel(L.LightningModule):
         groups = [g for g in self.param_groups() if g["params"]]
         if not groups:
             raise ValueError(f"{type(self).__name__} has no trainable parameters")
-        optimizer = torch.optim.AdamW(
-            groups, lr=self.learning_rate, betas=self.adam_betas, weight_decay=self.weight_decay
+        optimizer = build_optimizer(
+            groups,
+            self.learning_rate,
+            self.optimizer_factory,
+            betas=self.adam_betas,
+            weight_decay=self.weight_decay,
         )
         total = self.schedule_length()
-        warmup, cosine = self.resolve_warmup_steps(total), self.lr_schedule == "cosine"
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if cosine and math.isfinite(total) and total > warmup:
-                progress = min(1.0, (step - warmup) / (total - warmup))
-                return 0.5 * (1.0 + math.cos(math.pi * progress))
-            return 1.0
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = build_lr_scheduler(
+            optimizer, self.lr_schedule, self.resolve_warmup_steps(total), total
+        )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
@@ -388,13 +407,33 @@ class EditModel(L.LightningModule):
         return evaluator.to(self.device)
 
     def on_test_epoch_start(self) -> None:
-        self._evaluators["test"] = self.build_evaluator()
+        from metrics.bundle import IMAGE_LIMIT
+
+        evaluator = self._evaluators["test"] = self.build_evaluator()
+        self._bundle_metrics = evaluator.record_samples()
+        # trainer.log_dir is a collective (a broadcast): read it here, on every process.
+        self._bundle_dir = self.trainer.log_dir
+        choice = os.environ.get("EDITBENCH_BUNDLE_IMAGES", "").strip()
+        images = self.bundle_images if not choice else choice.lower() not in ("0", "false", "no")
+        if images is None:
+            loaders = self.trainer.test_dataloaders
+            loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
+            try:
+                size = len(loader.dataset)
+            except (AttributeError, TypeError):
+                size = 0
+            images = 0 < size <= IMAGE_LIMIT
+        self._bundle_save_images = bool(images) and self._bundle_dir is not None
 
     def test_step(self, batch: dict, batch_idx: int) -> dict:
         if "target" not in batch:
             raise ValueError("the test split has no target images; use `predict` to only edit")
         out = self.edit(batch["source"], batch["instruction"], **self._eval_kwargs(batch["id"]))
         self._evaluators["test"].update(batch, out.images)
+        if getattr(self, "_bundle_save_images", False):
+            from metrics.bundle import save_images
+
+            save_images(self._bundle_dir, list(batch["id"]), out.images)
         return {"id": list(batch["id"]), "images": out.images, "expressive": out.expressive}
 
     def on_test_epoch_end(self) -> None:
@@ -408,6 +447,7 @@ class EditModel(L.LightningModule):
         results = evaluator.compute() | self.extra_test_results()
         self.log_dict({k: v for k, v in results.items() if math.isfinite(v)}, sync_dist=False)
         run = self._run_record()
+        rows = evaluator.samples()  # a collective: every rank's per-sample rows, deduplicated
         if self.trainer.is_global_zero:
             document = results_document(
                 evaluator,
@@ -417,6 +457,12 @@ class EditModel(L.LightningModule):
                 run=run,
             )
             self._report(document, run["log_dir"])
+            if run["log_dir"] is not None:
+                from metrics.bundle import write_bundle
+
+                recorded = evaluator.sample_reductions()
+                others = [n for n in evaluator.names if n not in recorded]
+                write_bundle(run["log_dir"], rows, recorded, others)
 
     def extra_test_results(self) -> dict[str, float]:
         """Model-specific test results (``test/<name>``) added to the metrics, e.g. MGIE's
@@ -538,6 +584,11 @@ class EditModel(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in state.items() if not self._is_frozen_key(k)}
         if self._ema is not None:
             checkpoint[EMA_KEY] = self._ema.state_dict()
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is not None and hparams.get("optimizer") is not None:
+            checkpoint["hyper_parameters"] = dict(
+                hparams, optimizer=optimizer_config(hparams["optimizer"])
+            )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Complete a trainable-only checkpoint with the frozen weights already loaded from their

@@ -2,7 +2,10 @@
 diffusers' pipeline and a hand-written diffusers training step, as ratios (target: edit ≤ 1.05,
 train step ≤ 1.10); with ``--mgie``, MGIE's inference time against its "- L_ins" ablation
 (:mod:`benchmarks.mgie_inference`); with ``--insightedit``, a tiny InsightEdit training step
-against tiny MGIE's (:mod:`benchmarks.insightedit_bench`)."""
+against tiny MGIE's (:mod:`benchmarks.insightedit_bench`); with ``--models``, MGIE's Table 4: seconds
+per edit at batch 1, 4, 8, split into guidance and diffusion, with peak memory, as CSV and
+Markdown beside the paper's A100 numbers (:mod:`benchmarks.table4`); with ``--data``, the train
+loader against bare torchvision/PIL decode loops (:mod:`benchmarks.data_bench`)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,9 @@ import platform
 from pathlib import Path
 
 import torch
+
+#: The tiny presets' edit head (experiments/tiny/mgie_e2e.yaml).
+TINY_HEAD = {"edit_head_dim": 64, "edit_head_heads": 4, "edit_head_layers": 2, "edit_head_ff": 128}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also time a tiny InsightEdit training step against tiny MGIE's",
     )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        choices=["inspix2pix", "mgie", "lgie"],
+        help="MGIE Table 4 for these models (only this benchmark runs)",
+    )
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 8])
+    parser.add_argument("--steps", type=int, default=100, help="Table 4's sampler steps")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument("--out", default=None, help="Table 4: write table4.csv/.md here")
+    parser.add_argument(
+        "--data",
+        action="store_true",
+        help="the train loader (512 px JPEG pairs to 256 px) against bare torchvision and PIL "
+        "decode-resize-crop loops at 1, 2 and 4 workers (only this benchmark runs)",
+    )
+    parser.add_argument("--data_images", type=int, default=256)
     parser.add_argument("--output", default=None, help="also write the JSON result here")
     return parser
 
@@ -52,6 +78,17 @@ def main(argv: list[str]) -> int:
         from editbench.tiny import make_tiny
 
         make_tiny(path.parent)
+    if args.models:
+        return table4(args, path)
+    if args.data:
+        import tempfile
+
+        from benchmarks.data_bench import throughput
+
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = throughput(Path(tmp) / "pairs", args.data_images)
+        print(json.dumps({"loader": rows}, indent=2))
+        return 0
     result = {
         "device": "cpu",
         "threads": torch.get_num_threads(),
@@ -64,7 +101,7 @@ def main(argv: list[str]) -> int:
     if args.mgie:
         from benchmarks.mgie_inference import bench_mgie_inference
 
-        tiny = Path(args.mllm_path).parent.name == "tiny"
+        tiny = Path(args.mllm_path).parent.name.startswith("tiny")  # make-tiny folders
         result["mgie_inference"] = bench_mgie_inference(
             Path(args.mllm_path),
             path,
@@ -72,9 +109,7 @@ def main(argv: list[str]) -> int:
             repeats=max(1, args.repeats // 3),
             mgie_ckpt=args.mgie_ckpt,
             no_lins_ckpt=args.no_lins_ckpt,
-            # the tiny presets' edit head (experiments/tiny/mgie_e2e.yaml)
-            head={"edit_head_dim": 64, "edit_head_heads": 4, "edit_head_layers": 2,
-                  "edit_head_ff": 128} if tiny else None,
+            head=TINY_HEAD if tiny else None,
         )
     if args.insightedit:
         from benchmarks.insightedit_bench import bench_insightedit_step
@@ -86,4 +121,28 @@ def main(argv: list[str]) -> int:
     print(text)
     if args.output:
         Path(args.output).write_text(text + "\n")
+    return 0
+
+
+def table4(args: argparse.Namespace, path: Path) -> int:
+    from benchmarks.table4 import bench_table4, to_markdown, write
+
+    tiny = Path(args.mllm_path).parent.name.startswith("tiny")  # make-tiny folders
+    rows = bench_table4(
+        args.models,
+        path,
+        Path(args.mllm_path),
+        batches=args.batches,
+        steps=args.steps,
+        repeats=max(1, args.repeats // 3),
+        device=args.device,
+        dtype=args.dtype,
+        compile=args.compile,
+        ckpts={"mgie": args.mgie_ckpt} if args.mgie_ckpt else None,
+        head=TINY_HEAD if tiny else None,
+    )
+    print(to_markdown(rows), end="")
+    if args.out:
+        for written in write(rows, Path(args.out)):
+            print(f"wrote {written}")
     return 0

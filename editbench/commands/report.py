@@ -3,7 +3,10 @@ table laid out as MGIE's Tables 1-2 (rows = models, columns = dataset x metric),
 ``report.md`` and ``report.csv``.
 
 Each cell is the mean ± sample standard deviation over the runs of its row (MGIE averages 5
-random seeds, Sec. 4.1). Runs share a column only if they were measured the same way: their
+random seeds, Sec. 4.1), with a 95% interval ``[lo, hi]`` where the runs wrote result bundles
+(:mod:`editbench.commands.report_bundles`: bundles verified, every cell recomputed from the
+per-sample rows, bootstrap / t intervals, ``--compare A B`` paired tests). Folders without a
+``test_metrics.json`` (a fit-only ``version_0``) are skipped and named. Runs share a column only if they were measured the same way: their
 *relevant protocol* for that column (``protocol`` minus the provenance-only keys
 :data:`PROVENANCE_KEYS`, with ``metrics``, ``scale`` and ``columns`` narrowed to the column's
 metric) must agree, or the report stops naming the column, the runs and each differing field
@@ -19,12 +22,14 @@ import io
 import json
 import math
 import statistics
+import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from editbench.commands import report_bundles as bundles
 from metrics.published import PUBLISHED_TABLES, TABLE_AVERAGING, TABLE_SCALES, TABLE_SOURCES
 
 RESULTS_FILE = "test_metrics.json"
@@ -317,6 +322,8 @@ class Cell:
     values: list[float] = field(default_factory=list)
     mixed: bool = False
     best: bool = False
+    interval: tuple[float, float] | None = None
+    interval_method: str | None = None
 
     @property
     def n(self) -> int:
@@ -353,6 +360,8 @@ class Report:
     published: str | None = None
     show_n: bool = False
     references: dict[Column, Run] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    appendix: list[str] = field(default_factory=list)
 
 
 def dataset_sort_key(dataset: str) -> tuple[int, str]:
@@ -499,6 +508,9 @@ def format_cell(cell: Cell | None, show_n: bool) -> str:
     text = f"{cell.mean:.{places}f}"
     if cell.n > 1:
         text += f" ± {cell.std:.{places}f}"
+    if cell.interval is not None:
+        low, high = cell.interval
+        text += f" [{low:.{places}f}, {high:.{places}f}]"
     if cell.best:
         text = f"**{text}**"
     if cell.mixed:
@@ -524,7 +536,7 @@ def render_markdown(report: Report) -> str:
             for c in report.columns
         ]
         lines.append("| " + " | ".join([row.label, *cells]) + " |")
-    lines += ["", *footnotes(report)]
+    lines += ["", *footnotes(report), *report.appendix]
     return "\n".join(lines) + "\n"
 
 
@@ -551,6 +563,7 @@ def footnotes(report: Report) -> list[str]:
         )
     for diff in report.differences:
         notes.append(f"- {MIXED_MARK} {diff}")
+    notes += [f"- {line}" for line in report.notes]
     return notes
 
 
@@ -626,23 +639,25 @@ def _row_notes(report: Report) -> list[str]:
 
 
 def render_csv(report: Report) -> str:
-    """One line per row; per column ``mean``, ``std`` and ``n`` (full float precision)."""
+    """One line per row; per column ``mean``, ``std``, ``n`` and the 95% interval's ``lo`` and
+    ``hi`` (empty without one), full float precision."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     header = ["row", "kind"]
     for column in report.columns:
         name = column_name(column)
-        header += [f"{name} mean", f"{name} std", f"{name} n"]
+        header += [f"{name} mean", f"{name} std", f"{name} n", f"{name} lo", f"{name} hi"]
     writer.writerow(header)
     for row in report.rows:
         line = [row.label, row.kind]
         for column in report.columns:
             cell = row.cells.get(column)
             if cell is None or not cell.values:
-                line += ["", "", ""]
+                line += ["", "", "", "", ""]
             else:
                 std = "" if cell.n < 2 else repr(cell.std)
-                line += [repr(cell.mean), std, str(cell.n)]
+                bounds = [repr(v) for v in cell.interval] if cell.interval else ["", ""]
+                line += [repr(cell.mean), std, str(cell.n), *bounds]
         writer.writerow(line)
     return buffer.getvalue()
 
@@ -688,13 +703,30 @@ def build_parser() -> argparse.ArgumentParser:
         default="run.name",
         help="what makes a row (run.name falls back to model.name)",
     )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        default=None,
+        help="paired test of rows A and B on their shared samples (needs result bundles)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=bundles.DEFAULT_RESAMPLES,
+        help="bootstrap resamples of the 95%% intervals (default %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and tests")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    paths = find_results(args.runs)
+    paths, skipped = bundles.find_results_skipping(args.runs)
+    for line in bundles.skipped_lines(skipped):
+        print(line, file=sys.stderr)
     runs = [load_run(p, args.group_by, need_copy=args.copy_baseline) for p in paths]
+    check = bundles.check_bundles(runs, ReportError)
     report = build_report(
         runs,
         title=args.name,
@@ -702,9 +734,20 @@ def main(argv: list[str]) -> int:
         published=args.published,
         copy_baseline=args.copy_baseline,
     )
-    markdown = render_markdown(report)
+    resamples, seed = args.bootstrap, args.seed
+    bundles.attach_intervals(report, check, resamples=resamples, seed=seed)
+    report.notes = bundles.bundle_notes(check, resamples, seed) + bundles.skipped_lines(skipped)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.compare:
+        a, b = args.compare
+        compared = bundles.compare_rows(
+            report, a, b, check, ReportError, resamples=resamples, seed=seed
+        )
+        report.appendix = bundles.render_comparison(a, b, compared, resamples)
+        with (out / "compare.csv").open("w", newline="") as handle:
+            csv.writer(handle, lineterminator="\n").writerows(bundles.comparison_csv(compared))
+    markdown = render_markdown(report)
     (out / "report.md").write_text(markdown)
     (out / "report.csv").write_text(render_csv(report))
     print(markdown, end="")

@@ -2,23 +2,27 @@
 
 MGIE (Sec. 4.2, "Trade-off between αX and αV"; Fig. 3), following InstructPix2Pix, fixes the
 text guidance αX = 7.5 and varies the image guidance αV over [1.0, 2.2]. For every checkpoint
-and αV it edits a split's samples and scores
+and αV the sweep runs the suite's ``test`` (the same LightningCLI path, per-sample noise from
+the sample ids, evaluator and results document) on a split's first samples, scoring
 
-- how far the edit follows the instruction: CLIP directional similarity, the cosine between
+- how far the edit follows the instruction: ``CLIP_direction``, the cosine between
   ``img(edit) - img(input)`` and ``text(goal caption) - text(input caption)``;
-- how much of the input it keeps: CLIP image similarity of the edit to the input.
+- how much of the input it keeps: ``CLIP_image``, the CLIP image similarity to the input.
 
-Higher αV keeps more of the input and follows the instruction less. The command writes
+Each grid point writes its ``test_metrics.json`` (and the run's ``config.yaml``) into its own
+folder, ``<out>/runs/<label>/ig_<αV>/``; the summary is built from those files only:
 ``sweep.csv`` (one row per checkpoint and αV), ``sweep.png`` (one curve per checkpoint, αV at
 the points; axes as Fig. 3: x = directional similarity, y = image similarity) and TensorBoard
-scalars under ``tb/<label>`` (step = index of αV). Each sample draws its noise from its id
-(:func:`models.base.sample_generators`), so every point of a curve edits from the same noise.
+scalars under ``tb/<label>`` (step = index of αV). Higher αV keeps more of the input and follows
+the instruction less; every point of a curve edits from the same per-sample noise
+(:func:`models.base.sample_generators`).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import sys
@@ -26,7 +30,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
 
 from editbench.commands.expressive import (
     CommandInputError,
@@ -168,77 +171,116 @@ def sweep_datamodule(config: str | None, data_hparams: dict, overrides: Sequence
     return datamodule_from_spec({"class_path": class_path, "init_args": hparams}, overrides)
 
 
-def sweep_loader(dm, split: str, max_samples: int | None, batch_size: int) -> DataLoader:
-    """The first ``max_samples`` samples of ``split`` in order, with evaluation transforms."""
+def check_caption_keys(dm, split: str, keys: tuple[str, str]) -> None:
+    """The first sample of ``split`` has both caption keys, which ``CLIP_direction`` reads (a
+    missing one is an error naming it, before any editing)."""
+    if split != "test":
+        raise SweepError(
+            f"--split {split}: the sweep runs `test`, which edits the test split; point the "
+            "data at the samples to sweep (e.g. a --data.init_args.root with them as its test split)"
+        )
     dataset, ids = eval_dataset(dm, split)
-    count = len(ids) if max_samples is None else min(max_samples, len(ids))
-    if count == 0:
+    if not len(ids):
         raise SweepError(f"the {split!r} split has no samples")
-    return DataLoader(
-        Subset(dataset, range(count)), batch_size=batch_size, collate_fn=dm.collate_fn
-    )
-
-
-def captions(batch: dict, keys: tuple[str, str], split: str) -> tuple[list[str], list[str]]:
-    """The input and goal captions of a batch; a sample without one is an error naming it."""
-    out = []
+    sample = dataset[0]
     for key in keys:
-        values = batch.get(key) or [None] * len(batch["id"])
-        missing = [i for i, v in zip(batch["id"], values, strict=True) if v is None]
-        if missing:
+        if sample.get(key) is None:
             raise SweepError(
-                f"sample {missing[0]!r} of the {split!r} split has no {key!r}, which the CLIP "
-                f"directional similarity needs ({len(missing)} in this batch); give the caption "
-                "keys of this dataset with --caption_keys INPUT_KEY,GOAL_KEY"
+                f"sample {ids[0]!r} of the {split!r} split has no {key!r}, which the CLIP "
+                "directional similarity needs; give the caption keys of this dataset with "
+                "--caption_keys INPUT_KEY,GOAL_KEY"
             )
-        out.append(list(values))
-    return out[0], out[1]
+    if tuple(keys) != CAPTION_KEYS:
+        raise SweepError(
+            f"--caption_keys {','.join(keys)}: the test protocol's CLIP_direction reads the "
+            f"samples' {CAPTION_KEYS[0]!r} and {CAPTION_KEYS[1]!r}; give the data those fields"
+        )
 
 
-# --------------------------------------------------------------------------- evaluation
+# --------------------------------------------------------------------------- one grid point
 
 
-@torch.no_grad()
-def sweep_point(
-    model,
-    loader: DataLoader,
-    clip: str,
-    guidance_scale: float,
+def point_folder(out: Path, label: str, image_guidance_scale: float) -> Path:
+    """``<out>/runs/<label>/ig_<αV>``: where one grid point's ``test`` writes its files."""
+    return out / "runs" / label.replace(os.sep, "_") / f"ig_{image_guidance_scale:g}"
+
+
+def trainer_device_args(device: str) -> list[str]:
+    """``--device cpu`` / ``cuda`` / ``cuda:N`` as Trainer flags (one process)."""
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+    if kind == "cuda":
+        return ["--trainer.accelerator", "gpu", "--trainer.devices", f"[{index}]" if index else "1"]
+    raise SweepError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+
+
+def point_args(
+    ckpt: Path,
+    folder: Path,
+    args: argparse.Namespace,
     image_guidance_scale: float,
-    *,
-    num_inference_steps: int | None,
-    seed: int,
-    caption_keys: tuple[str, str],
-    split: str,
-) -> dict[str, float]:
-    """Edit every sample at (αX, αV) and return the mean CLIP directional and image
-    similarities (MGIE Fig. 3's two axes) and the number of samples."""
-    from metrics.features import CLIPDirectionalSimilarity, CLIPImageSimilarity
-    from models.base import sample_generators
-
-    direction, image = CLIPDirectionalSimilarity(clip), CLIPImageSimilarity(clip)
-    direction, image = direction.to(model.device), image.to(model.device)
-    for batch in loader:
-        if not batch["id"]:  # every sample of the batch was skipped
-            continue
-        source_captions, goal_captions = captions(batch, caption_keys, split)
-        source = batch["source"].to(model.device)
-        edited = model.edit(
-            source,
-            batch["instruction"],
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            image_guidance_scale=image_guidance_scale,
-            generator=sample_generators(batch["id"], seed),
-        ).images
-        edited = edited.float().clamp(-1, 1)
-        direction.update(source, edited, source_captions, goal_captions)
-        image.update(source, edited)
-    return {
-        "clip_direction": float(direction.compute()),
-        "clip_image": float(image.compute()),
-        "num_samples": int(image.num_images),
+    data: list[str],
+    overrides: Sequence[str],
+) -> list[str]:
+    """The ``python -m editbench test`` arguments of one grid point: the checkpoint's model
+    (its data unless ``data`` replaces it) at (αX, αV), scored with ``CLIP_direction`` and
+    ``CLIP_image`` on ``args.clip``, writing into ``folder``."""
+    argv = ["test", "--ckpt_path", str(ckpt), *data]
+    model = {
+        "guidance_scale": args.guidance_scale,
+        "image_guidance_scale": image_guidance_scale,
+        "eval_seed": args.seed,
+        "metrics": json.dumps(["CLIP_direction", "CLIP_image"]),
+        "extra_metrics": "[]",
+        "backbones": json.dumps({"clip": str(args.clip)}),
+        "copy_baseline": "false",
     }
+    if args.num_inference_steps is not None:
+        model["num_inference_steps"] = args.num_inference_steps
+    for key, value in model.items():
+        argv += [f"--model.init_args.{key}", str(value)]
+    argv += ["--data.init_args.eval_batch_size", str(args.batch_size)]
+    if args.max_samples is not None:
+        argv += ["--data.init_args.max_samples", str(args.max_samples)]
+    argv += [
+        "--trainer.logger", "false",
+        "--trainer.default_root_dir", str(folder),
+        "--trainer.enable_progress_bar", "false",
+        "--image_logger.every_n_steps", "0",
+        *trainer_device_args(args.device),
+        *overrides,
+    ]  # fmt: skip
+    return argv
+
+
+def read_point(folder: Path) -> dict:
+    """The sweep columns of one grid point's ``test_metrics.json``."""
+    path = folder / "test_metrics.json"
+    if not path.is_file():
+        raise SweepError(f"`test` wrote no {path}")
+    document = json.loads(path.read_text())
+    metrics = document["metrics"]
+    return {
+        "clip_direction": float(metrics["test/CLIP_direction"]),
+        "clip_image": float(metrics["test/CLIP_image"]),
+        "num_samples": int(document["protocol"]["num_samples"]),
+    }
+
+
+def run_point(argv: list[str], folder: Path) -> dict:
+    """Run ``test`` in this process (exactly as ``python -m editbench test``) and read back its
+    results file."""
+    from editbench.cli import main as cli_main
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stale = folder / "test_metrics.json"
+    if stale.exists():  # a rerun must not read the previous run's numbers
+        stale.unlink()
+    status = cli_main(argv)
+    if status:
+        raise SweepError(f"`python -m editbench {' '.join(argv)}` failed (exit {status})")
+    return read_point(folder)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -303,11 +345,22 @@ def write_tensorboard(rows: list[dict], folder: Path) -> None:
 # --------------------------------------------------------------------------- command
 
 
-def run_sweep(args: argparse.Namespace, overrides: Sequence[str]) -> list[dict]:
-    """Every (checkpoint, αV) point, in order; writes nothing."""
-    from tqdm.auto import tqdm
+def config_data(config: str) -> list[str]:
+    """``--data <spec>`` of a config's data section (``-c`` supplies only the data; its model
+    is the checkpoint's)."""
+    from omegaconf import OmegaConf
 
+    data = OmegaConf.to_container(OmegaConf.load(config), resolve=True).get("data")
+    if not data:
+        raise SweepError(f"{config} has no data section")
+    return ["--data", json.dumps(data)]
+
+
+def run_sweep(args: argparse.Namespace, overrides: Sequence[str]) -> list[dict]:
+    """Every (checkpoint, αV) point, in order: one ``test`` run each, into
+    ``<out>/runs/<label>/ig_<αV>``; returns the rows read from their results files."""
     from metrics.features import CLIPImageSimilarity
+    from models.checkpoint import read_checkpoint
 
     paths = [Path(p) for p in args.ckpt_path]
     labels = labels_for(paths, args.label)
@@ -317,52 +370,32 @@ def run_sweep(args: argparse.Namespace, overrides: Sequence[str]) -> list[dict]:
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} not found")
     CLIPImageSimilarity(args.clip)  # names the folder and what belongs there if it is wrong
+    trainer_device_args(args.device)
+    data = config_data(args.config) if args.config is not None else []
     scales = args.image_guidance_scales or args.range
+    out = Path(args.out)
     rows = []
-    with tqdm(total=len(paths) * len(scales), desc="sweep", unit="point") as bar:
-        for path, label in zip(paths, labels, strict=True):
-            rows += sweep_checkpoint(path, label, scales, args, overrides, bar)
+    for path, label in zip(paths, labels, strict=True):
+        hparams = read_checkpoint(path, what="--ckpt_path").datamodule_hparams
+        dm = sweep_datamodule(args.config, hparams, [*overrides, *max_samples_override(args)])
+        check_caption_keys(dm, args.split, args.caption_keys)
+        for alpha_v in scales:
+            folder = point_folder(out, label, alpha_v)
+            argv = point_args(path, folder, args, alpha_v, data, overrides)
+            rows.append(
+                {
+                    "label": label,
+                    "ckpt": str(path),
+                    "guidance_scale": args.guidance_scale,
+                    "image_guidance_scale": alpha_v,
+                    **run_point(argv, folder),
+                }
+            )
     return rows
 
 
-def sweep_checkpoint(
-    path: Path,
-    label: str,
-    scales: Sequence[float],
-    args: argparse.Namespace,
-    overrides: Sequence[str],
-    bar,
-) -> list[dict]:
-    """The rows of one checkpoint, one per αV."""
-    from editbench.commands.edit import load_checkpoint_model
-
-    model, data_hparams = load_checkpoint_model(path, args.device)
-    dm = sweep_datamodule(args.config, data_hparams, overrides)
-    loader = sweep_loader(dm, args.split, args.max_samples, args.batch_size)
-    rows = []
-    for alpha_v in scales:
-        point = sweep_point(
-            model,
-            loader,
-            args.clip,
-            args.guidance_scale,
-            alpha_v,
-            num_inference_steps=args.num_inference_steps,
-            seed=args.seed,
-            caption_keys=args.caption_keys,
-            split=args.split,
-        )
-        rows.append(
-            {
-                "label": label,
-                "ckpt": str(path),
-                "guidance_scale": args.guidance_scale,
-                "image_guidance_scale": alpha_v,
-                **point,
-            }
-        )
-        bar.update()
-    return rows
+def max_samples_override(args: argparse.Namespace) -> list[str]:
+    return [] if args.max_samples is None else [f"--data.init_args.max_samples={args.max_samples}"]
 
 
 def main(argv: list[str]) -> int:

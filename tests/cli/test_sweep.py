@@ -213,3 +213,36 @@ def test_data_comes_from_the_checkpoint_unless_a_config_is_given(checkpoints, sy
     )
     dm = sweep_datamodule(CONFIG, hparams, ["--data.init_args.root=elsewhere"])
     assert (dm.root, dm.num_test, dm.batch_size) == ("elsewhere", 200, 16)  # the config's
+
+
+@pytest.mark.slow
+def test_each_point_is_a_test_run_and_test_reproduces_it(swept, checkpoints, tiny_dir, tmp_path):
+    """The sweep runs `test` per grid point (its own folder with test_metrics.json and the
+    run's config.yaml); `python -m editbench test` run by hand at that point, batch 1 instead
+    of 2, gives the same numbers."""
+    import json
+
+    out, rows = swept
+    for label in LABELS:
+        for scale in SCALES:
+            folder = out / "runs" / label / f"ig_{scale:g}"
+            assert (folder / "test_metrics.json").is_file() and (folder / "config.yaml").is_file()
+    args = [
+        "test", "--ckpt_path", str(checkpoints[0]),
+        "--model.init_args.image_guidance_scale", str(SCALES[1]),
+        "--model.init_args.num_inference_steps", str(STEPS),
+        "--model.init_args.metrics", '["CLIP_direction", "CLIP_image"]',
+        "--model.init_args.backbones", json.dumps({"clip": str(tiny_dir / "clip")}),
+        "--data.init_args.max_samples", str(NUM_SAMPLES),
+        "--data.init_args.eval_batch_size", "1",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "test_metrics.json").read_text())["metrics"]
+    row = next(
+        r for r in rows if r["label"] == LABELS[0] and float(r["image_guidance_scale"]) == SCALES[1]
+    )
+    assert float(row["clip_direction"]) == pytest.approx(metrics["test/CLIP_direction"], abs=1e-5)
+    assert float(row["clip_image"]) == pytest.approx(metrics["test/CLIP_image"], abs=1e-5)
