@@ -472,22 +472,27 @@ class EditModel(L.LightningModule):
     def _run_record(self) -> dict:
         trainer = self.trainer
         logger = trainer.logger
-        scheduler = getattr(getattr(self, "diffusion", None), "scheduler", None)
         return {
             "name": getattr(logger, "name", None) if logger is not None else None,
             "version": getattr(logger, "version", None) if logger is not None else None,
             "log_dir": trainer.log_dir,
             "ckpt_path": trainer.ckpt_path,
             "seed": self.eval_seed,
-            "sampler": {
-                "scheduler": type(scheduler).__name__ if scheduler is not None else None,
-                "num_inference_steps": self.num_inference_steps,
-                "guidance_scale": self.guidance_scale,
-                "image_guidance_scale": self.image_guidance_scale,
-            },
+            "sampler": self.sampler_record(),
             "precision": str(trainer.precision),
             "world_size": trainer.world_size,
             "ema_weights": self.uses_ema_weights,
+        }
+
+    def sampler_record(self) -> dict:
+        """How ``test`` sampled, for the results document's ``run.sampler``; models with other
+        samplers (a wrapped pipeline) override it."""
+        scheduler = getattr(getattr(self, "diffusion", None), "scheduler", None)
+        return {
+            "scheduler": type(scheduler).__name__ if scheduler is not None else None,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "image_guidance_scale": self.image_guidance_scale,
         }
 
     def _report(self, document: dict, log_dir: str | None) -> None:

@@ -178,6 +178,15 @@ class PipelineBaseline(EditModel):
         self.components = torch.nn.ModuleDict(modules)
         self._pipeline = pipe
 
+    def sampler_record(self) -> dict:
+        """The wrapped pipeline's scheduler and true-CFG settings beside the shared ones."""
+        record = super().sampler_record()
+        if self._pipeline is not None:
+            record["scheduler"] = type(self._pipeline.scheduler).__name__
+            record["pipeline"] = type(self._pipeline).__name__
+        record["true_cfg_scale"] = self.true_cfg_scale
+        return record
+
     @property
     def pipeline(self):
         """The loaded diffusers pipeline (loaded on first use)."""

@@ -77,7 +77,11 @@ def test_test_writes_metrics(config, built, tiny_dir, synthetic_root, tmp_path):
     assert all(math.isfinite(metrics[k]) for k in ("test/L1", "test/SSIM"))
     assert metrics["test/L1"] != metrics["test/copy/L1"], "the baseline returned its input"
     assert document["protocol"]["num_samples"] == NUM_SAMPLES
-    assert document["run"]["sampler"]["num_inference_steps"] == 2
+    sampler = document["run"]["sampler"]
+    assert sampler["num_inference_steps"] == 2
+    # the wrapped pipeline's scheduler is recorded, not the EditDiffusion's (there is none)
+    assert sampler["pipeline"].endswith("Pipeline") and sampler["scheduler"] not in (None, "")
+    assert "true_cfg_scale" in sampler
     assert not (REPO / "config.yaml").exists()
 
 
