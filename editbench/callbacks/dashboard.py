@@ -34,7 +34,7 @@ EXTRA_METRICS = ("L1_edit", "VIEScore_SC", "VIEScore_PQ", "VIEScore_O")
 def metric_chart(name: str) -> list[str]:
     """Tag regexes of one metric over validation/test, its copy baseline and aggregations."""
     metric = re.escape(name)
-    return [rf"^(val|test)/{metric}$", rf"^(val|test)/[^/]+/{metric}$"]
+    return [rf"^(val|test|eval_subset)/{metric}$", rf"^(val|test|eval_subset)/[^/]+/{metric}$"]
 
 
 def dashboard_layout(metric_names: list[str] | None = None) -> dict:
