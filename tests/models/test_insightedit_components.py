@@ -337,3 +337,23 @@ def test_iaa_loss_by_hand_and_mapper_learns():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0]
+
+
+def test_standardize_h_reads_each_feature_standardised_over_the_batch():
+    """``standardize_h`` (the tiny preset's): in training the Q-Former reads h with each feature
+    at zero mean and unit variance over the batch, so a shift or scale shared by all samples
+    changes nothing; at evaluation it uses the running statistics, which the checkpoint keeps."""
+    stream = tiny_text_stream(standardize_h=True).train()
+    plain = tiny_text_stream(standardize_h=False).train()
+    assert plain.h_norm is None and not any("h_norm" in k for k in plain.state_dict())
+    h = torch.randn(4, 3, H, generator=torch.Generator().manual_seed(0))
+    standardised = (h - h.reshape(-1, H).mean(0)) / torch.sqrt(h.reshape(-1, H).var(0, unbiased=False) + 1e-5)
+    # the same Q-Former on h standardised by hand
+    plain.load_state_dict({k: v for k, v in stream.state_dict().items() if "h_norm" not in k})
+    torch.testing.assert_close(stream.qformer_output(h), plain.qformer_output(standardised))
+    torch.testing.assert_close(stream.qformer_output(5.0 + 3.0 * h), stream.qformer_output(h))
+    assert {"h_norm.running_mean", "h_norm.running_var"} <= set(stream.state_dict())
+    stream.eval()
+    mean, var = stream.h_norm.running_mean, stream.h_norm.running_var
+    by_hand = (h - mean) / torch.sqrt(var + 1e-5)
+    torch.testing.assert_close(stream.qformer_output(h), plain.eval().qformer_output(by_hand))
