@@ -40,3 +40,30 @@ def test_subset_scores_during_fit_equal_test_on_the_subset(tiny_dir, synthetic_r
         assert scalars[f"eval_subset/copy/{name}"][4] == pytest.approx(
             metrics[f"test/copy/{name}"], rel=1e-5
         )
+
+
+@pytest.mark.slow
+def test_two_processes_score_the_subset_once(tiny_dir, synthetic_root, tmp_path):
+    """Under 2 gloo processes each rank edits its share of an odd subset (5 samples), every rank
+    reaches the metrics' sync, and the logged numbers are 1-process ``test``'s on those samples
+    with the fit's final weights."""
+    from cli.test_distributed_eval import processes, run_cli
+
+    args = quickstart_args(tiny_dir, synthetic_root, tmp_path)
+    callback = {
+        "class_path": "editbench.callbacks.eval_subset.EvalDuringTraining",
+        "init_args": {"every_n_steps": 2, "num_samples": 5, "split": "test", "batch_size": 2},
+    }
+    fit = ["fit", *args, "--trainer.max_steps", "2", "--trainer.callbacks+", json.dumps(callback)]
+    run_cli([*fit, *processes(2)], tmp_path)
+    events = EventAccumulator(str(tmp_path / "runs" / "quickstart" / "version_0"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("eval_subset/L1")}
+    assert set(logged) == {2}
+    test = ["test", *args, "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"),
+            "--data.init_args.max_samples", "5"]  # fmt: skip
+    assert main(test) == 0
+    [path] = sorted((tmp_path / "runs").glob("*/version_1/test_metrics.json"))
+    document = json.loads(path.read_text())
+    assert document["protocol"]["num_samples"] == 5
+    assert logged[2] == pytest.approx(document["metrics"]["test/L1"], rel=1e-5)
