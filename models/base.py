@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MetricCollection
 
 from metrics import edit_metrics, update_edit_metrics
+from metrics.bundle import IMAGE_LIMIT, save_images, write_bundle
 from metrics.evaluation import EditEvaluator
 from metrics.protocols import Protocol, get_protocol
 from metrics.results import results_document, write_results
@@ -201,6 +202,9 @@ class EditModel(L.LightningModule):
         self.ema_decay = ema_decay
         self.prefer_ema_weights = prefer_ema_weights
         self.bundle_images = bundle_images
+        # set per test run by on_test_epoch_start
+        self._bundle_dir: str | None = None
+        self._bundle_save_images = False
         #: Whether the weights loaded from a checkpoint for evaluation are its EMA weights.
         self.uses_ema_weights = False
         self._ema: TrainableEMA | None = None
@@ -407,10 +411,8 @@ class EditModel(L.LightningModule):
         return evaluator.to(self.device)
 
     def on_test_epoch_start(self) -> None:
-        from metrics.bundle import IMAGE_LIMIT
-
         evaluator = self._evaluators["test"] = self.build_evaluator()
-        self._bundle_metrics = evaluator.record_samples()
+        evaluator.record_samples()
         # trainer.log_dir is a collective (a broadcast): read it here, on every process.
         self._bundle_dir = self.trainer.log_dir
         choice = os.environ.get("EDITBENCH_BUNDLE_IMAGES", "").strip()
@@ -430,9 +432,7 @@ class EditModel(L.LightningModule):
             raise ValueError("the test split has no target images; use `predict` to only edit")
         out = self.edit(batch["source"], batch["instruction"], **self._eval_kwargs(batch["id"]))
         self._evaluators["test"].update(batch, out.images)
-        if getattr(self, "_bundle_save_images", False):
-            from metrics.bundle import save_images
-
+        if self._bundle_save_images:
             save_images(self._bundle_dir, list(batch["id"]), out.images)
         return {"id": list(batch["id"]), "images": out.images, "expressive": out.expressive}
 
@@ -458,8 +458,6 @@ class EditModel(L.LightningModule):
             )
             self._report(document, run["log_dir"])
             if run["log_dir"] is not None:
-                from metrics.bundle import write_bundle
-
                 recorded = evaluator.sample_reductions()
                 others = [n for n in evaluator.names if n not in recorded]
                 write_bundle(run["log_dir"], rows, recorded, others)

@@ -11,8 +11,7 @@ import torch
 
 from benchmarks.table4 import PAPER_SECONDS, build_model
 from editbench.cli import main
-
-TINY_HEAD = {"edit_head_dim": 64, "edit_head_heads": 4, "edit_head_layers": 2, "edit_head_ff": 128}
+from editbench.commands.benchmark import TINY_HEAD
 
 
 @pytest.mark.parametrize("name", ["inspix2pix", "mgie"])
