@@ -8,6 +8,12 @@ Layout, in the run's log dir (format ``editbench.bundle/1``)::
                          "system": "model" | "copy", "metric", "value", ["sse", "n"]}
     images/<id>.png     the edited images (optional; on by default for splits of at most
                         :data:`IMAGE_LIMIT` samples)
+    sources/<id>.png    with the edited images: the input the model edited (in MagicBrush's
+                        iterative mode its own previous output) and, where the split has
+    targets/<id>.png    them, the ground-truth targets, at the model's resolution
+    inputs.jsonl        with the edited images: one row per sample, {"id", "instruction",
+                        "dataset", "session", "turn"}, what an offline judge or a visual
+                        report needs besides the images
     manifest.json       {"format", "files": {<relative path>: {"sha256", "size"}},
                          "reductions": {<metric>: "mean" | "pooled_psnr"},
                          "not_recomputable": [<metric>, ...], "num_rows"}
@@ -38,6 +44,11 @@ MANIFEST = "manifest.json"
 SAMPLES = "samples.jsonl"
 RESULTS = "test_metrics.json"
 IMAGES = "images"
+SOURCES = "sources"
+TARGETS = "targets"
+INPUTS = "inputs.jsonl"
+#: The image folders of a bundle, hashed in its manifest.
+IMAGE_FOLDERS = (IMAGES, SOURCES, TARGETS)
 #: Edited images are written by default when the split has at most this many samples.
 IMAGE_LIMIT = 500
 
@@ -54,19 +65,22 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def image_name(sample_id: str) -> str:
-    """``images/<id>.png`` (path separators in an id become ``__``)."""
+def image_name(sample_id: str, kind: str = IMAGES) -> str:
+    """``<kind>/<id>.png``, ``kind`` one of :data:`IMAGE_FOLDERS` (path separators in an id
+    become ``__``)."""
+    if kind not in IMAGE_FOLDERS:
+        raise ValueError(f"image kind {kind!r} is not one of {IMAGE_FOLDERS}")
     safe = str(sample_id).replace("/", "__").replace("\\", "__")
-    return f"{IMAGES}/{safe}.png"
+    return f"{kind}/{safe}.png"
 
 
-def save_images(folder: str | Path, ids: Sequence[str], images: Any) -> None:
-    """Write ``images`` (``[B, 3, H, W]`` in ``[-1, 1]``) as ``images/<id>.png`` under
+def save_images(folder: str | Path, ids: Sequence[str], images: Any, kind: str = IMAGES) -> None:
+    """Write ``images`` (``[B, 3, H, W]`` in ``[-1, 1]``) as ``<kind>/<id>.png`` under
     ``folder``, as the predictions writer saves them (``save_image((x + 1) / 2)``)."""
     from torchvision.utils import save_image
 
     for sample_id, image in zip(ids, images, strict=True):
-        path = Path(folder) / image_name(sample_id)
+        path = Path(folder) / image_name(sample_id, kind)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image((image.detach().float().clamp(-1, 1).cpu() + 1) / 2, path)
 
@@ -112,6 +126,53 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def input_rows(batch: Mapping[str, Any], dataset: str) -> list[dict[str, Any]]:
+    """The :data:`INPUTS` rows of a test batch: id, instruction and the aggregation keys."""
+    sessions, turns = batch.get("session"), batch.get("turn")
+    return [
+        {
+            "id": str(sample_id),
+            "instruction": str(instruction),
+            "dataset": dataset,
+            "session": None if sessions is None else str(sessions[i]),
+            "turn": None if turns is None else int(turns[i]),
+        }
+        for i, (sample_id, instruction) in enumerate(zip(batch["id"], batch["instruction"], strict=True))
+    ]
+
+
+def write_inputs(folder: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """``inputs.jsonl``: one row per sample id (the first of repeated ids, a padded sample
+    under DDP), sorted by id."""
+    unique: dict[str, Mapping[str, Any]] = {}
+    for row in rows:
+        unique.setdefault(str(row["id"]), row)
+    return write_samples(Path(folder) / INPUTS, [unique[k] for k in sorted(unique)])
+
+
+def read_inputs(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """``id -> row`` of a bundle's ``inputs.jsonl``; a missing file or a row without id or
+    instruction is a :class:`BundleError` naming it."""
+    path = Path(folder) / INPUTS
+    if not path.is_file():
+        raise BundleError(
+            f"{path} is missing: the bundle was written without images "
+            "(rerun `test` with --model.init_args.bundle_images true)"
+        )
+    rows = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise BundleError(f"{path}, line {number}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not {"id", "instruction"} <= set(row):
+            raise BundleError(f"{path}, line {number}: not an input row (id, instruction)")
+        rows[str(row["id"])] = row
+    return rows
+
+
 def write_bundle(
     folder: str | Path,
     rows: Sequence[Mapping[str, Any]],
@@ -119,12 +180,14 @@ def write_bundle(
     not_recomputable: Sequence[str] = (),
 ) -> Path:
     """Write ``samples.jsonl`` and ``manifest.json`` beside ``test_metrics.json`` (which must
-    be written first), hashing every bundle file: the results, the rows and ``images/``."""
+    be written first), hashing every bundle file: the results, the rows, ``inputs.jsonl`` and
+    the image folders."""
     folder = Path(folder)
     write_samples(folder / SAMPLES, rows)
-    names = [RESULTS, SAMPLES]
-    if (folder / IMAGES).is_dir():
-        names += sorted(p.relative_to(folder).as_posix() for p in (folder / IMAGES).rglob("*.png"))
+    names = [RESULTS, SAMPLES, INPUTS]
+    for kind in IMAGE_FOLDERS:
+        if (folder / kind).is_dir():
+            names += sorted(p.relative_to(folder).as_posix() for p in (folder / kind).rglob("*.png"))
     files = {}
     for name in names:
         path = folder / name
@@ -249,18 +312,26 @@ def mismatches(
 
 __all__ = [
     "FORMAT",
+    "IMAGE_FOLDERS",
     "IMAGE_LIMIT",
+    "IMAGES",
+    "INPUTS",
+    "SOURCES",
+    "TARGETS",
     "Bundle",
     "BundleError",
     "image_name",
+    "input_rows",
     "metric_key",
     "mismatches",
     "read_bundle",
+    "read_inputs",
     "read_samples",
     "recompute",
     "save_images",
     "sha256_of",
     "verify_files",
     "write_bundle",
+    "write_inputs",
     "write_samples",
 ]

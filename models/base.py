@@ -25,7 +25,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MetricCollection
 
 from metrics import edit_metrics, update_edit_metrics
-from metrics.bundle import IMAGE_LIMIT, save_images, write_bundle
+from metrics.bundle import (
+    IMAGE_LIMIT,
+    SOURCES,
+    TARGETS,
+    input_rows,
+    save_images,
+    write_bundle,
+    write_inputs,
+)
 from metrics.evaluation import EditEvaluator
 from metrics.protocols import Protocol, get_protocol
 from metrics.results import results_document, write_results
@@ -205,6 +213,7 @@ class EditModel(L.LightningModule):
         # set per test run by on_test_epoch_start
         self._bundle_dir: str | None = None
         self._bundle_save_images = False
+        self._bundle_inputs: list[dict] = []
         #: Whether the weights loaded from a checkpoint for evaluation are its EMA weights.
         self.uses_ema_weights = False
         self._ema: TrainableEMA | None = None
@@ -426,6 +435,7 @@ class EditModel(L.LightningModule):
                 size = 0
             images = 0 < size <= IMAGE_LIMIT
         self._bundle_save_images = bool(images) and self._bundle_dir is not None
+        self._bundle_inputs = []
 
     def test_step(self, batch: dict, batch_idx: int) -> dict:
         if "target" not in batch:
@@ -433,7 +443,12 @@ class EditModel(L.LightningModule):
         out = self.edit(batch["source"], batch["instruction"], **self._eval_kwargs(batch["id"]))
         self._evaluators["test"].update(batch, out.images)
         if self._bundle_save_images:
-            save_images(self._bundle_dir, list(batch["id"]), out.images)
+            ids = list(batch["id"])
+            save_images(self._bundle_dir, ids, out.images)
+            save_images(self._bundle_dir, ids, batch["source"], SOURCES)
+            if "target" in batch:
+                save_images(self._bundle_dir, ids, batch["target"], TARGETS)
+            self._bundle_inputs += input_rows(batch, self._evaluators["test"].protocol.name)
         return {"id": list(batch["id"]), "images": out.images, "expressive": out.expressive}
 
     def on_test_epoch_end(self) -> None:
@@ -448,6 +463,7 @@ class EditModel(L.LightningModule):
         self.log_dict({k: v for k, v in results.items() if math.isfinite(v)}, sync_dist=False)
         run = self._run_record()
         rows = evaluator.samples()  # a collective: every rank's per-sample rows, deduplicated
+        inputs = self._gathered_inputs() if self._bundle_save_images else []
         if self.trainer.is_global_zero:
             document = results_document(
                 evaluator,
@@ -458,9 +474,20 @@ class EditModel(L.LightningModule):
             )
             self._report(document, run["log_dir"])
             if run["log_dir"] is not None:
+                if inputs:
+                    write_inputs(run["log_dir"], inputs)
                 recorded = evaluator.sample_reductions()
                 others = [n for n in evaluator.names if n not in recorded]
                 write_bundle(run["log_dir"], rows, recorded, others)
+
+    def _gathered_inputs(self) -> list[dict]:
+        """Every process's bundle input rows (a collective under DDP: one
+        ``all_gather_object``, reached on every rank since all save images or none)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return list(self._bundle_inputs)
+        gathered: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, self._bundle_inputs)
+        return [row for rows in gathered for row in rows or []]
 
     def extra_test_results(self) -> dict[str, float]:
         """Model-specific test results (``test/<name>``) added to the metrics, e.g. MGIE's

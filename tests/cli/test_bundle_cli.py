@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import stats
 
 from editbench.cli import main
 from editbench.commands.report import ReportError
-from metrics.bundle import read_samples, write_bundle
+from metrics.bundle import read_inputs, read_samples, write_bundle
 from metrics.results import FORMAT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,8 +95,9 @@ def test_bundle_files_and_rows_reproduce_test_metrics(tested):
     rows = read_samples(tested / "samples.jsonl")
     ids = {r["id"] for r in rows}
     assert len(ids) == NUM_TEST
-    images = {f"images/{i}.png" for i in ids}
-    assert {"test_metrics.json", "samples.jsonl", *images} == set(manifest["files"])
+    images = {f"{kind}/{i}.png" for i in ids for kind in ("images", "sources", "targets")}
+    listed = {"test_metrics.json", "samples.jsonl", "inputs.jsonl", *images}
+    assert listed == set(manifest["files"])
     assert all((tested / name).is_file() for name in images)
     assert set(manifest["reductions"]) == set(METRICS)
     for system, prefix in (("model", "test"), ("copy", "test/copy")):
@@ -107,6 +109,30 @@ def test_bundle_files_and_rows_reproduce_test_metrics(tested):
             ]
             assert len(values) >= NUM_TEST - 1  # L1_edit may skip an empty mask
             assert np.mean(values) == pytest.approx(document["metrics"][f"{prefix}/{name}"], rel=1e-6)
+
+
+def test_bundle_inputs_are_the_datasets_samples(tested, odd_root):
+    """inputs.jsonl and sources/ + targets/ hold what the DataModule gave the model: the
+    instruction of each id (read back from the synthetic dataset's own files) and its images."""
+    from datamodules.synthetic import SyntheticEditDataModule
+
+    lines = (odd_root / "test.jsonl").read_text().splitlines()
+    instructions = {r["id"]: r["instruction"] for r in map(json.loads, lines)}
+    dm = SyntheticEditDataModule(
+        root=str(odd_root), num_train=4, num_val=2, num_test=NUM_TEST, resolution=32
+    )
+    dm.setup("test")
+    dataset = dm.datasets["test"]
+    expected = {s["id"]: s for s in (dataset[i] for i in range(NUM_TEST))}
+    inputs = read_inputs(tested)
+    assert set(inputs) == set(expected) == set(instructions)
+    for sample_id, row in inputs.items():
+        assert row["instruction"] == instructions[sample_id]
+        assert row["dataset"] == "synthetic"
+        for kind, key in (("sources", "source"), ("targets", "target")):
+            saved = np.asarray(Image.open(tested / kind / f"{sample_id}.png").convert("RGB"))
+            want = ((expected[sample_id][key].permute(1, 2, 0).numpy() + 1) / 2 * 255).round()
+            assert np.abs(saved.astype(float) - want).max() <= 1, (kind, sample_id)
 
 
 def test_report_recomputes_and_shows_intervals(tested, tmp_path, capsys):
@@ -266,4 +292,6 @@ def test_two_processes_write_the_same_rows(tiny_dir, odd_root, tested, tmp_path)
         else:
             assert row["value"] == pytest.approx(ref["value"], rel=1e-5, abs=1e-5), key(row)
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert len([n for n in manifest["files"] if n.startswith("images/")]) == NUM_TEST
+    for kind in ("images/", "sources/", "targets/"):
+        assert len([n for n in manifest["files"] if n.startswith(kind)]) == NUM_TEST
+    assert read_inputs(folder) == read_inputs(tested)  # gathered from both ranks, no duplicate
