@@ -226,6 +226,7 @@ class InsightEdit(InsPix2Pix):
             hidden_size=width,
             image_feature_dim=self.clip_vision.config.hidden_size,
             unet_channels=unet.config.block_out_channels[0],
+            num_tokens=self.num_mm_tokens,
             **self.text_stream_config,
         )
         if self.use_image_stream:

@@ -339,21 +339,30 @@ def test_iaa_loss_by_hand_and_mapper_learns():
     assert losses[-1] < 0.2 * losses[0]
 
 
-def test_standardize_h_reads_each_feature_standardised_over_the_batch():
+def test_standardize_h_reads_each_slot_standardised_over_the_batch():
     """``standardize_h`` (the tiny preset's): in training the Q-Former reads h with each feature
-    at zero mean and unit variance over the batch, so a shift or scale shared by all samples
-    changes nothing; at evaluation it uses the running statistics, which the checkpoint keeps."""
-    stream = tiny_text_stream(standardize_h=True).train()
+    of each [MM] slot at zero mean and unit variance over the batch, so a per-slot shift or scale
+    shared by all samples changes nothing; at evaluation it uses the running statistics, which
+    the checkpoint keeps."""
+    r = 3
+    stream = tiny_text_stream(standardize_h=True, num_tokens=r).train()
     plain = tiny_text_stream(standardize_h=False).train()
     assert plain.h_norm is None and not any("h_norm" in k for k in plain.state_dict())
-    h = torch.randn(4, 3, H, generator=torch.Generator().manual_seed(0))
-    standardised = (h - h.reshape(-1, H).mean(0)) / torch.sqrt(h.reshape(-1, H).var(0, unbiased=False) + 1e-5)
-    # the same Q-Former on h standardised by hand
+    h = torch.randn(5, r, H, generator=torch.Generator().manual_seed(0))
+    mean, var = h.mean(0, keepdim=True), h.var(0, unbiased=False, keepdim=True)
+    standardised = (h - mean) / torch.sqrt(var + 1e-5)
+    # the same Q-Former on h standardised by hand, slot by slot
     plain.load_state_dict({k: v for k, v in stream.state_dict().items() if "h_norm" not in k})
     torch.testing.assert_close(stream.qformer_output(h), plain.qformer_output(standardised))
-    torch.testing.assert_close(stream.qformer_output(5.0 + 3.0 * h), stream.qformer_output(h))
+    slot_shift = torch.tensor([5.0, -2.0, 0.5]).view(1, r, 1)
+    torch.testing.assert_close(stream.qformer_output(slot_shift + 3.0 * h), stream.qformer_output(h))
     assert {"h_norm.running_mean", "h_norm.running_var"} <= set(stream.state_dict())
     stream.eval()
-    mean, var = stream.h_norm.running_mean, stream.h_norm.running_var
-    by_hand = (h - mean) / torch.sqrt(var + 1e-5)
+    running_mean = stream.h_norm.running_mean.view(1, r, H)
+    running_var = stream.h_norm.running_var.view(1, r, H)
+    by_hand = (h - running_mean) / torch.sqrt(running_var + 1e-5)
     torch.testing.assert_close(stream.qformer_output(h), plain.eval().qformer_output(by_hand))
+    with pytest.raises(ValueError, match="3 \\[MM\\] slots, h has 2"):
+        stream.qformer_output(h[:, :2])
+    with pytest.raises(ValueError, match="needs num_tokens"):
+        tiny_text_stream(standardize_h=True)
