@@ -20,6 +20,7 @@ from datamodules.base import BadSampleError, EditDataModule
 from editbench.callbacks import EditImageLogger, EditPredictionWriter, MultiTurnChaining
 from editbench.callbacks.dashboard import TensorBoardLayout
 from editbench.commands.expressive import CommandInputError
+from editbench.commands.memory import MemoryPresetError, apply_memory_preset
 from editbench.commands.report import ReportError
 from models.base import CheckpointMismatchError, EditModel
 from models.checkpoint import read_checkpoint
@@ -138,6 +139,15 @@ class EditbenchCLI(LightningCLI):
             "trainer.accumulate_grad_batches",
             compute_fn=gradient_accumulation,
         )
+        # experiments/presets/*.yaml: per-model batch/strategy/optimizer, applied by main()
+        # (editbench/commands/memory.py) before parsing; kept here so the key parses and saves.
+        parser.add_argument(
+            "--memory_preset",
+            type=dict | None,
+            default=None,
+            help="A memory preset (experiments/presets/*.yaml): per model class its per-GPU "
+            "batch, strategy and optimizer, applied before parsing (python -m editbench memory).",
+        )
 
 
 def checkpoint_defaults(argv: Sequence[str]) -> list[str]:
@@ -176,6 +186,8 @@ EXTRA_COMMANDS = {
     "report": "editbench.commands.report",
     "demo": "editbench.commands.demo",
     "export": "editbench.commands.export",
+    "judge": "editbench.commands.judge",
+    "memory": "editbench.commands.memory",
 }
 
 EXTRA_HELP = """
@@ -187,6 +199,8 @@ editbench's own subcommands (each has --help):
   report      aggregate test_metrics.json of several runs into the paper's table layout
   demo        an interactive editing page (Gradio) for a checkpoint or config, on localhost
   export      a checkpoint's trained parts as safetensors + export.json (what, from which bases)
+  judge       VIEScore of a test run's result bundle by an MLLM judge, offline (judge.jsonl)
+  memory      estimated training memory per GPU of a config; the memory presets' table
 """
 
 
@@ -200,6 +214,7 @@ USER_ERRORS = (
     MisconfigurationException,
     CommandInputError,
     ReportError,
+    MemoryPresetError,
 )
 
 
@@ -217,6 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if defaults:
             argv = [argv[0], *defaults, *argv[1:]]
             from_sys = False
+        # A memory preset's entry for the model (batch, strategy, optimizer) after its -c file.
+        preset = apply_memory_preset(argv)
+        if preset != argv:
+            argv, from_sys = preset, False
         EditbenchCLI(args=None if from_sys else argv)
     except USER_ERRORS as err:
         if os.environ.get("EDITBENCH_TRACEBACK"):

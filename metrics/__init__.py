@@ -16,9 +16,9 @@ from metrics.collection import (
 )
 from metrics.features import CTS, CVS, DINO, CLIPDirectionalSimilarity, CLIPImageSimilarity
 from metrics.fid import FID, KID
+from metrics.judge.metric import VIEScore
 from metrics.perceptual import LPIPS
 from metrics.pixel import L1, SSIM, MaskedL1, prepare_pair, to_unit_range
-from metrics.viescore import VIEScore
 
 # Model-backed metrics: their backbone folders/files come from the evaluator's `backbones`
 # (one CLIP for CVS, CTS and the directional metrics) unless `metric_kwargs` names them.

@@ -310,6 +310,33 @@ def mismatches(
     return lines
 
 
+def update_manifest(
+    folder: str | Path,
+    files: Sequence[str],
+    *,
+    reductions: Mapping[str, str] | None = None,
+    recomputable: Sequence[str] = (),
+    num_rows: int | None = None,
+) -> Path:
+    """Rewrite ``manifest.json`` after a step added or rewrote bundle files (the offline
+    judge): hash ``files`` (paths relative to ``folder``) anew, add ``reductions``, take the
+    ``recomputable`` metrics off ``not_recomputable`` and set ``num_rows``; every other entry
+    is kept as it was."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    manifest = json.loads(path.read_text())
+    for name in files:
+        target = folder / name
+        manifest["files"][name] = {"sha256": sha256_of(target), "size": target.stat().st_size}
+    manifest["reductions"] = {**(manifest.get("reductions") or {}), **dict(reductions or {})}
+    drop = set(recomputable)
+    manifest["not_recomputable"] = [m for m in manifest.get("not_recomputable") or [] if m not in drop]
+    if num_rows is not None:
+        manifest["num_rows"] = num_rows
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
 __all__ = [
     "FORMAT",
     "IMAGE_FOLDERS",
@@ -330,6 +357,7 @@ __all__ = [
     "recompute",
     "save_images",
     "sha256_of",
+    "update_manifest",
     "verify_files",
     "write_bundle",
     "write_inputs",

@@ -104,6 +104,21 @@ def flatten_value(name: str, value: Any) -> dict[str, float]:
     return {name: float(value)}
 
 
+def source_as_target(batch: dict) -> dict:
+    """A shallow copy of ``batch`` whose reference images are its inputs: ``target`` =
+    ``source`` and ``target_native`` = ``source_native`` (native scoring then compares the edit
+    with the input at the input's size). For protocols whose benchmark has no targets
+    (:data:`metrics.protocols.REFERENCES`)."""
+    if batch.get("source") is None:
+        ids = ", ".join(str(i) for i in list(batch.get("id") or [])[:3])
+        raise ValueError(f"a protocol scored against the input needs 'source' (samples {ids})")
+    out = dict(batch)
+    out["target"] = batch["source"]
+    if isinstance(batch.get("source_native"), (list, tuple)):
+        out["target_native"] = batch["source_native"]
+    return out
+
+
 class EditEvaluator(nn.Module):
     """Scores edits under a :class:`~metrics.protocols.Protocol`.
 
@@ -144,6 +159,8 @@ class EditEvaluator(nn.Module):
         def build(names: list[str]) -> nn.ModuleDict:
             return nn.ModuleDict({n: build_metric(n, merged[n], self.backbones) for n in names})
 
+        # A protocol scored against the input has no copy baseline (the input against itself).
+        copy_baseline = copy_baseline and protocol.reference == "target"
         copied = [n for n in self.names if n not in NO_COPY_BASELINE] if copy_baseline else []
         self.model_metrics = nn.ModuleDict({a: build(self.names) for a in protocol.aggregations})
         self.copy_metrics = nn.ModuleDict({a: build(copied) for a in protocol.aggregations})
@@ -285,7 +302,10 @@ class EditEvaluator(nn.Module):
     def update(self, batch: dict, preds: Tensor) -> None:
         """Score a batch's edits ``preds`` ([-1, 1]) against its target (and the copy
         baseline, ``preds = source``), for every aggregation; at native resolution when the
-        batch carries ``target_native``."""
+        batch carries ``target_native``. A protocol whose ``reference`` is ``"source"`` scores
+        against the input instead (:func:`source_as_target`)."""
+        if self.protocol.reference == "source":
+            batch = source_as_target(batch)
         fields = self._fields(batch, preds)
         if fields.get("id") is None:  # hand-built batches: positional ids
             start, self._unnamed = self._unnamed, self._unnamed + len(fields["preds"])

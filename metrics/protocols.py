@@ -13,6 +13,10 @@ magicbrush-paper    L1, DINO, CVS, CTS            MagicBrush paper (CLIP-T on lo
 ipr2pr              CLIP_direction, CLIP_image    InstructPix2Pix's CFG sweep (Brooks et al.)
 advancededit        VIEScore, CTS, PSNR, SSIM,    InsightEdit's AdvancedEdit-Eval table
                     LPIPS                         (see :data:`ADVANCEDEDIT_NOTES`)
+emu-edit            CLIP_direction, CVS, CTS,     Emu Edit test set, against the INPUT
+                    L1, DINO                      (``reference: source``; no targets)
+gedit-*, imgedit    L1 (against the input)        judge-scored afterwards (``judge``);
+                                                  docs/benchmarks.md
 synthetic           L1, L1_edit, SSIM             exact ground truth, backbone-free
 ==================  ============================  ==============================================
 
@@ -23,7 +27,8 @@ FID, KID and VIEScore are added on demand (``model.init_args.extra_metrics``).
 
 ``advancededit`` scores VIEScore, which asks an MLLM judge (``metric_kwargs.VIEScore``: an
 OpenAI-compatible endpoint and key, or a local LLaVA folder); a judge-free run names its metrics
-(``metrics: [CTS, PSNR, SSIM, LPIPS]``). Its published rows:
+(``metrics: [CTS, PSNR, SSIM, LPIPS]``) and may be judged afterwards from its result bundle
+(``python -m editbench judge --bundle DIR``, :mod:`metrics.judge.offline`). Its published rows:
 :data:`metrics.published.INSIGHTEDIT_TABLES`.
 
 Backbones (:attr:`Protocol.backbones`, folder names under ``$EDITBENCH_BACKBONES``): MagicBrush's
@@ -108,6 +113,13 @@ RENAMED_AGGREGATIONS = {
     "'turn1'; MagicBrush's single-turn setting is 'all' of an independent run"
 }
 
+#: What a protocol's image metrics compare the edit with (:attr:`Protocol.reference`): the
+#: ground-truth ``target``, or the ``source`` for benchmarks that release no target (Emu Edit's
+#: test set scores L1, DINO and CLIP-I of the edit against its input; the judge-scored GEdit and
+#: ImgEdit have none either). A ``source`` protocol has no copy-the-input baseline (it would
+#: score the input against itself).
+REFERENCES = ("target", "source")
+
 #: Metrics that read the batch's captions (their source must be the protocol's).
 CAPTION_METRICS = ("CTS", "CLIP_direction")
 
@@ -165,6 +177,10 @@ class Protocol:
         caption_source: the captions CTS is measured against (``"global"``/``"local"``), None
             where the protocol does not say.
         turn_settings: test_mode -> the MagicBrush setting (:data:`MAGICBRUSH_SETTINGS`).
+        reference: what ``target``-taking metrics compare the edit with: ``"target"`` (the
+            ground truth) or ``"source"`` (benchmarks without targets, :data:`REFERENCES`).
+        judge: the judge prompt set ``python -m editbench judge --bundle DIR`` scores this
+            protocol's bundles with (None: no judge step).
     """
 
     name: str
@@ -177,8 +193,15 @@ class Protocol:
     metric_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     caption_source: str | None = None
     turn_settings: dict[str, TurnSetting] = field(default_factory=dict)
+    reference: str = "target"
+    judge: str | None = None
 
     def __post_init__(self) -> None:
+        if self.reference not in REFERENCES:
+            raise ValueError(
+                f"protocol {self.name!r}: reference must be one of {REFERENCES}, got "
+                f"{self.reference!r}"
+            )
         for aggregation in self.aggregations:
             _check_aggregation(self.name, aggregation, AGGREGATIONS)
         _check_aggregation(self.name, self.default_aggregation, self.aggregations)
@@ -256,6 +279,60 @@ _MAGICBRUSH = dict(
     turn_settings=dict(MAGICBRUSH_SETTINGS),
 )
 
+#: Emu Edit's columns (Sheynin et al., CVPR 2024, Sec. 5: CLIPdir, CLIPimg, CLIPout, L1, DINO),
+#: all of the edit against the test set's INPUT image and captions (the set has no targets):
+#: CLIP_direction (input -> edit vs input_caption -> output_caption), CVS (CLIP-I edit vs
+#: input), CTS (edit vs output_caption), L1 and DINO (edit vs input). Raw values (the paper's
+#: scale and backbones were not verified here: its table text was not found; see
+#: docs/benchmarks.md); backbones default to MagicBrush's, whose images the set reuses.
+EMU_EDIT_COLUMNS = ("CLIP_direction", "CVS", "CTS", "L1", "DINO")
+
+#: GEdit-Bench languages/subsets (Step1X-Edit, Liu et al. 2025, Table 2: EN, CN; full set of
+#: 606 per language, intersection subset of 434) -> protocol name.
+GEDIT_PROTOCOLS = {
+    (language, subset): f"gedit-{language}" + ("-intersection" if subset == "intersection" else "")
+    for language in ("en", "cn")
+    for subset in ("full", "intersection")
+}
+GEDIT_PROTOCOLS.update({("all", "full"): "gedit", ("all", "intersection"): "gedit-intersection"})
+
+_JUDGED = (
+    "; judge-scored afterwards (python -m editbench judge --bundle DIR); in test only L1 of "
+    "the edit against its input (how much changed, not a benchmark score)"
+)
+
+BENCHMARK_PROTOCOLS = (
+    Protocol(
+        "emu-edit",
+        EMU_EDIT_COLUMNS,
+        source="Emu Edit test set (facebook/emu_edit_test_set; Sheynin et al., CVPR 2024): "
+        "CLIPdir, CLIPimg, CLIPout, L1, DINO against the input image and captions (no targets)",
+        scale={},
+        reference="source",
+    ),
+    *(
+        Protocol(
+            name,
+            ("L1",),
+            source=f"GEdit-Bench (Step1X-Edit, 2025), {language} {subset} set: VIEScore SC, PQ, "
+            f"O (0-10) by GPT-4.1 (Table 2)" + _JUDGED,
+            scale={},
+            reference="source",
+            judge="gedit",
+        )
+        for (language, subset), name in GEDIT_PROTOCOLS.items()
+    ),
+    Protocol(
+        "imgedit",
+        ("L1",),
+        source="ImgEdit-Bench basic single-turn suite (Ye et al., 2025; Benchmark/Basic): 1-5 "
+        "judge scores per edit type, averaged per image then per type" + _JUDGED,
+        scale={},
+        reference="source",
+        judge="imgedit",
+    ),
+)
+
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p
     for p in (
@@ -291,6 +368,7 @@ PROTOCOLS: dict[str, Protocol] = {
             backbones=dict(ADVANCEDEDIT_BACKBONES),
             metric_kwargs={k: dict(v) for k, v in ADVANCEDEDIT_METRIC_KWARGS.items()},
         ),
+        *BENCHMARK_PROTOCOLS,
         Protocol("synthetic", ("L1", "L1_edit", "SSIM"), source="editbench synthetic data"),
         Protocol("generic", ("L1", "SSIM"), source="editbench default"),
         Protocol("concat", ("L1", "SSIM"), source="editbench default"),

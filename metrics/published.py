@@ -35,6 +35,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from metrics.published_benchmarks import (
+    BENCHMARK_AVERAGING,
+    BENCHMARK_SCALES,
+    BENCHMARK_SOURCES,
+    BENCHMARK_TABLES,
+)
+
 #: What the paper says about how its numbers were measured (Section 4.1 and the tables).
 PAPER_PROTOCOL: dict[str, Any] = {
     "paper": "MGIE (Fu et al., ICLR 2024)",
@@ -273,12 +280,16 @@ TABLE_SOURCES.update(
 TABLE_AVERAGING: dict[str, str] = {
     **{name: "the paper averages 5 random seeds" for name in MGIE_TABLES},
     **{name: INSIGHTEDIT_PROTOCOL["seeds"] for name in INSIGHTEDIT_TABLES},
+    **BENCHMARK_AVERAGING,
 }
+TABLE_SCALES.update(BENCHMARK_SCALES)
+TABLE_SOURCES.update(BENCHMARK_SOURCES)
 
 #: Every published table, by name (``report --published`` choices).
 PUBLISHED_TABLES: dict[str, dict[str, dict[str, dict[str, float]]]] = {
     **MGIE_TABLES,
     **INSIGHTEDIT_TABLES,
+    **BENCHMARK_TABLES,  # GEdit-Bench, ImgEdit-Bench: metrics.published_benchmarks
 }
 
 

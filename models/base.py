@@ -438,8 +438,11 @@ class EditModel(L.LightningModule):
         self._bundle_inputs = []
 
     def test_step(self, batch: dict, batch_idx: int) -> dict:
-        if "target" not in batch:
-            raise ValueError("the test split has no target images; use `predict` to only edit")
+        if "target" not in batch and self._evaluators["test"].protocol.reference != "source":
+            raise ValueError(
+                "the test split has no target images and its protocol scores against targets; "
+                "use `predict` to only edit, or a protocol with reference 'source'"
+            )
         out = self.edit(batch["source"], batch["instruction"], **self._eval_kwargs(batch["id"]))
         self._evaluators["test"].update(batch, out.images)
         if self._bundle_save_images:

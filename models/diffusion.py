@@ -8,6 +8,7 @@ trains with the same loss and samples with the same two-scale guidance.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from dataclasses import dataclass
@@ -153,30 +154,42 @@ class EditDiffusion(nn.Module):
     def scaling_factor(self) -> float:
         return self.vae.config.scaling_factor
 
+    def vae_precision(self, device: torch.device):
+        """A float32 VAE computes in float32 under a mixed-precision trainer too (autocast off
+        around it), as diffusers' pipelines upcast the SD VAE, whose decoder overflows in
+        half precision; a VAE loaded in another dtype runs as autocast decides."""
+        if self.vae.dtype != torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(device).type, enabled=False)
+
     def encode_condition(self, images: torch.Tensor) -> torch.Tensor:
         """Image condition: the unscaled posterior mode of the source image in [-1, 1]."""
-        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
+        with self.vae_precision(images.device):
+            return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
 
     def encode_target(self, images: torch.Tensor, generator: Generator = None) -> torch.Tensor:
         """Denoising target: a posterior sample of the goal image, times the scaling factor."""
-        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        return dist.sample(generator) * self.scaling_factor
+        with self.vae_precision(images.device):
+            dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+            return dist.sample(generator) * self.scaling_factor
 
     def encode_pair(
         self, target: torch.Tensor, source: torch.Tensor, generator: Generator = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``encode_target(target)`` and ``encode_condition(source)`` in one VAE call (the
         encoder's cost is per image, its overhead per call); same random draws as the two."""
-        params = self.vae.encode(
-            torch.cat([target, source]).to(self.vae.dtype)
-        ).latent_dist.parameters
-        goal, cond = params.chunk(2)
-        latents = DiagonalGaussianDistribution(goal).sample(generator) * self.scaling_factor
-        return latents, DiagonalGaussianDistribution(cond).mode()
+        with self.vae_precision(target.device):
+            params = self.vae.encode(
+                torch.cat([target, source]).to(self.vae.dtype)
+            ).latent_dist.parameters
+            goal, cond = params.chunk(2)
+            latents = DiagonalGaussianDistribution(goal).sample(generator) * self.scaling_factor
+            return latents, DiagonalGaussianDistribution(cond).mode()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (scaled) → images in [-1, 1] (unclamped, as the VAE decodes them)."""
-        return self.vae.decode(latents / self.scaling_factor).sample
+        with self.vae_precision(latents.device):
+            return self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
 
     def drop_conditions(
         self,

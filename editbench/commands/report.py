@@ -185,6 +185,9 @@ def load_run(path: Path, group_by: str = "run.name", need_copy: bool = False) ->
     if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
         raise ReportError(f"{path}: 'protocol.columns' must be a list of metric names")
     table = _numbers(_get(document, "table", path), "table", path)
+    judge_file = bundles.judged(path.parent) if path.name == RESULTS_FILE else None
+    if judge_file is not None:  # VIEScore judged offline (python -m editbench judge)
+        columns, table, protocol = bundles.with_judged(judge_file, columns, table, protocol)
     for name in columns:
         if name not in table:
             raise ReportError(f"{path}: missing key 'table.{name}' (listed in protocol.columns)")
@@ -717,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="bootstrap resamples of the 95%% intervals (default %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and tests")
+    from editbench.commands import report_html
+
+    report_html.add_arguments(parser)
     return parser
 
 
@@ -751,4 +757,13 @@ def main(argv: list[str]) -> int:
     (out / "report.md").write_text(markdown)
     (out / "report.csv").write_text(render_csv(report))
     print(markdown, end="")
+    if args.html:
+        from editbench.commands import report_html
+
+        page = report_html.write_html(
+            runs, check, out, title=args.name, sort=args.sort, limit=args.html_limit,
+            plot_x=args.plot_x, plot_y=args.plot_y, skipped=bundles.skipped_lines(skipped),
+            error=ReportError,
+        )  # fmt: skip
+        print(f"wrote {page}", file=sys.stderr)
     return 0

@@ -81,6 +81,7 @@ class BundleCheck:
     recomputed: int = 0
     without_bundle: list[str] = field(default_factory=list)
     not_recomputable: dict[str, list[str]] = field(default_factory=dict)  # metric -> runs
+    judged: dict[str, dict[str, Any]] = field(default_factory=dict)  # run -> judge_metrics.json
 
 
 def check_bundles(runs: Sequence[Any], error: type[Exception]) -> BundleCheck:
@@ -101,7 +102,11 @@ def check_bundles(runs: Sequence[Any], error: type[Exception]) -> BundleCheck:
 
         document = read_results(run.path)
         recomputed = recompute(bundle, run.protocol)
-        wrong = mismatches(recomputed, document.get("metrics") or {})
+        judge_file = judged(folder)
+        reported = {**(document.get("metrics") or {}), **(judge_file or {}).get("metrics", {})}
+        if judge_file is not None:
+            check.judged[run.label] = judge_file
+        wrong = mismatches(recomputed, reported)
         if wrong:
             raise error(
                 f"{folder / 'samples.jsonl'}: the per-sample rows do not reproduce "
@@ -113,6 +118,36 @@ def check_bundles(runs: Sequence[Any], error: type[Exception]) -> BundleCheck:
                 check.not_recomputable.setdefault(column, []).append(run.label)
         check.bundles[run.path] = bundle
     return check
+
+
+def judged(folder: Path) -> dict[str, Any] | None:
+    """The bundle's ``judge_metrics.json`` (``python -m editbench judge``), None if unjudged."""
+    from metrics.judge.offline import read_judge_metrics
+
+    return read_judge_metrics(folder)
+
+
+#: Judge settings that do not change what is measured (left out of the column check).
+_JUDGE_TRANSPORT = ("timeout", "max_retries", "base_url")
+
+
+def with_judged(
+    judge_file: dict[str, Any], columns: list[str], table: dict[str, float], protocol: dict
+) -> tuple[list[str], dict[str, float], dict[str, Any]]:
+    """A run's columns, table and protocol with the judged VIEScore columns added (the
+    failure rate among them); the judge's description becomes ``metrics.VIEScore``, so runs
+    judged differently (model as reported, prompts, sampling) do not share a column."""
+    values = judge_file.get("table") or {}
+    order = [c for c in judge_file.get("columns") or [] if c in values] or sorted(values)
+    columns = [*columns, *(name for name in order if name not in columns)]
+    table = {**table, **{k: math.nan if v is None else float(v) for k, v in values.items()}}
+    judge = {k: v for k, v in (judge_file.get("judge") or {}).items() if k not in _JUDGE_TRANSPORT}
+    protocol = {
+        **protocol,
+        "scale": {**(protocol.get("scale") or {}), **(judge_file.get("scale") or {})},
+        "metrics": {**(protocol.get("metrics") or {}), "VIEScore": judge},
+    }
+    return columns, table, protocol
 
 
 def _reduction(bundle: Bundle, metric: str) -> str | None:
@@ -304,6 +339,16 @@ def bundle_notes(check: BundleCheck, resamples: int, seed: int) -> list[str]:
         notes.append(
             f"{metric}: no per-sample rows (set-level or judge metric), not recomputed and no "
             f"bootstrap interval ({len(runs)} run(s))."
+        )
+    for label, judge_file in sorted(check.judged.items()):
+        judge, summary = judge_file.get("judge") or {}, judge_file.get("summary") or {}
+        models = ", ".join(judge.get("models_reported") or []) or str(judge.get("model"))
+        notes.append(
+            f"VIEScore of {label}: judged offline (judge.jsonl) by {judge.get('backend')} "
+            f"{models}, prompts {judge.get('prompt_set')} ({str(judge.get('prompt_sha256'))[:12]})"
+            f"; {summary.get('failures')} of {summary.get('n_samples')} samples got no valid "
+            "answer: missing from the VIEScore means (never 0), counted in "
+            "VIEScore_failure_rate."
         )
     if check.without_bundle:
         notes.append(

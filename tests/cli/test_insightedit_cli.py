@@ -98,6 +98,7 @@ def test_three_stages_fit_test_predict_and_a_separate_stage(tiny_dir, synthetic_
         *common(tiny_dir, synthetic_root),
         "--trainer.callbacks", "[]",
         "--trainer.logger", "false",
+        "--trainer.default_root_dir", str(tmp_path / "predict"),  # its config.yaml, not in cwd
         "--trainer.limit_predict_batches", "1",
         "--prediction_writer.output_dir", str(out),
     ]  # fmt: skip

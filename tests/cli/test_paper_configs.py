@@ -27,7 +27,12 @@ EVAL = {
     "ma5k": "datamodules.ma5k.MA5kDataModule",
     "magicbrush": "datamodules.magicbrush.MagicBrushDataModule",
     "ipr2pr": "datamodules.ipr2pr.IPr2PrDataModule",
+    "emu_edit": "datamodules.emu_edit.EmuEditDataModule",
+    "gedit": "datamodules.gedit.GEditBenchDataModule",
+    "imgedit": "datamodules.imgedit.ImgEditBenchDataModule",
 }
+#: The protocol each eval diff sets (None: the DataModule's, GEdit's follows its language).
+EVAL_PROTOCOL = {name: name for name in EVAL} | {"emu_edit": "emu-edit", "gedit": None}
 TINY_MODELS = ["inspix2pix.yaml", "mgie_e2e.yaml", "lgie_e2e.yaml"]
 
 
@@ -326,7 +331,7 @@ def test_eval_diff_scores_any_model_config(config, dataset, capsys):
     assert data["class_path"] == EVAL[dataset]
     assert data["init_args"]["resolution"] == 512
     assert data["init_args"]["expressive_path"] is None
-    assert model["init_args"]["protocol"] == dataset
+    assert model["init_args"]["protocol"] == EVAL_PROTOCOL[dataset]
     assert shown["global_batch_size"] is None
     base = printed(capsys, "test", "-c", str(EXP / config))["model"]
     assert model["class_path"] == base["class_path"]
@@ -349,7 +354,7 @@ def test_tiny_eval_diff_parses_on_tiny_model_configs(config, dataset, capsys):
     assert shown["data"]["class_path"] == EVAL[dataset]
     assert shown["data"]["init_args"]["root"] == "/some/where"
     assert shown["data"]["init_args"]["resolution"] == 32
-    assert shown["model"]["init_args"]["protocol"] == dataset
+    assert shown["model"]["init_args"]["protocol"] == EVAL_PROTOCOL[dataset]
 
 
 def test_eval_and_tiny_eval_diffs_match():

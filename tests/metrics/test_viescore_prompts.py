@@ -22,7 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from metrics.viescore import PROMPT_SHA256, VIEScore
+from metrics.judge.metric import VIEScore
+from metrics.judge.prompts import PROMPT_SHA256
 
 KEY_ENV = "EDITBENCH_TEST_VIESCORE_PROMPTS_KEY"
 FILES = {

@@ -223,3 +223,24 @@ def test_non_finite_loss_stops_with_the_term_and_sample_ids(tiny_dir):
         model.training_step(batch, 0)
     model.check_finite = False
     assert not torch.isfinite(model.training_step(batch, 0))
+
+
+def test_float32_vae_computes_in_float32_under_bf16_autocast(tiny_dir):
+    """The memory presets keep the VAE in float32 under bf16-mixed: its encode and decode run
+    outside autocast (as the plain AutoencoderKL in float32 computes them), while the same
+    VAE called directly under autocast would run in bf16 and differ."""
+    diffusion = build(tiny_dir / "instruct-pix2pix").diffusion
+    vae = diffusion.vae
+    images = smooth_images(2)
+    latents = torch.randn(2, vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want_cond = vae.encode(images).latent_dist.mode()
+        want_image = vae.decode(latents / vae.config.scaling_factor).sample
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got_cond = diffusion.encode_condition(images)
+            got_image = diffusion.decode(latents)
+            bf16_image = vae.decode(latents / vae.config.scaling_factor).sample
+    assert got_cond.dtype == got_image.dtype == torch.float32
+    torch.testing.assert_close(got_cond, want_cond, rtol=0, atol=0)
+    torch.testing.assert_close(got_image, want_image, rtol=0, atol=0)
+    assert bf16_image.dtype == torch.bfloat16 or not torch.equal(bf16_image.float(), want_image)

@@ -1,7 +1,13 @@
-"""VIEScore prompt sets and judge presets.
+"""VIEScore's prompt sets, judge presets and the answer format (how a reply is parsed).
+
+VIEScore (Ku et al., "VIEScore: Towards Explainable Metrics for Conditional Image Synthesis
+Evaluation", ACL 2024), text-guided image editing: the SC prompt asks for
+``[editing success, over-editing]`` about ``[source, edited]`` and the instruction, the PQ prompt
+for ``[naturalness, artifacts]`` about the edited image, each on 0-10, answered as a JSON object
+``{"score": [...], "reasoning": "..."}`` (:func:`parse_scores`).
 
 Two prompt sets exist, and every VIEScore result names the one it used (``prompt_set`` in the
-provenance and in every cached answer):
+provenance, in every cached answer and in every judge record):
 
 - ``editbench-builtin`` (:data:`BUILTIN`): this suite's own wording of VIEScore's zero-shot
   editing prompts. Its scores are NOT comparable with published VIEScore numbers.
@@ -27,6 +33,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,3 +226,123 @@ def apply_preset(
                 "given; drop one of them"
             )
     return out
+
+
+# --------------------------------------------------------------------------- answers
+
+#: VIEScore's score scale.
+SCORE_RANGE = (0.0, 10.0)
+#: Number of scores each prompt asks for ([editing success, over-editing], [naturalness,
+#: artifacts]).
+NUM_SCORES = {"SC": 2, "PQ": 2}
+#: The prompt kinds asked per sample, in order.
+KINDS = ("SC", "PQ")
+
+
+class JudgeError(ValueError):
+    """A judge request that gave no usable answer (bad body, refusal, unparseable answer).
+
+    ``retry``: whether asking again may help. False for transport failures (HTTP errors,
+    timeouts, connection errors), which the HTTP client has already retried itself, and for
+    refusals. ``attempts``: the requests it took (the client's retries included); ``model``
+    and ``system_fingerprint``: what the endpoint reported, where a reply came back."""
+
+    def __init__(
+        self,
+        message: str,
+        retry: bool = True,
+        attempts: int = 1,
+        model: str | None = None,
+        system_fingerprint: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.retry = retry
+        self.attempts = attempts
+        self.model = model
+        self.system_fingerprint = system_fingerprint
+
+
+def _json_objects(text: str):
+    """Every JSON object found in ``text``, left to right (decoding from each ``{``)."""
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", text):
+        try:
+            value, _ = decoder.raw_decode(text, match.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            yield value
+
+
+def valid_score(value: Any) -> bool:
+    """A number (not a bool), finite, on VIEScore's 0-10 scale."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and SCORE_RANGE[0] <= value <= SCORE_RANGE[1]
+    )
+
+
+def snippet(text: Any, limit: int = 120) -> str:
+    """``text`` on one line, cut at ``limit`` characters, quoted (for error messages)."""
+    text = " ".join(str(text).split())
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def parse_scores(answer: str, num_scores: int) -> list[float]:
+    """The ``score`` list of a judge answer ``{"score": [...], "reasoning": "..."}``.
+
+    The first JSON object with a ``score`` key is used, wherever it sits in the reply (inside
+    a ```json fence, after some prose, ...). It must be a list of exactly ``num_scores``
+    numbers, each within VIEScore's 0-10 scale; anything else raises :class:`JudgeError`.
+    """
+    if not isinstance(answer, str) or not answer.strip():
+        raise JudgeError("empty answer")
+    found = next((obj for obj in _json_objects(answer) if "score" in obj), None)
+    if found is None:
+        raise JudgeError(f"no JSON object with a 'score' key in the answer {snippet(answer)}")
+    scores = found["score"]
+    if not isinstance(scores, list) or len(scores) != num_scores:
+        raise JudgeError(f"'score' must be a list of {num_scores} numbers, got {scores!r}")
+    if not all(valid_score(s) for s in scores):
+        raise JudgeError(f"'score' values must be numbers in [0, 10], got {scores!r}")
+    return [float(s) for s in scores]
+
+
+# --------------------------------------------------------------------------- built-in names
+
+#: The built-in SC prompt, with ``<instruction>`` standing for the editing instruction.
+SC_PROMPT_TEMPLATE = BUILTIN.sc_template
+#: The built-in PQ prompt (the same for every image).
+PQ_PROMPT = BUILTIN.pq_prompt
+#: sha256 of the built-in prompt templates: what to quote beside VIEScore numbers.
+PROMPT_SHA256 = BUILTIN.sha256
+
+
+def sc_prompt(instruction: str) -> str:
+    """The built-in SC prompt for one editing instruction."""
+    return BUILTIN.sc(instruction)
+
+
+__all__ = [
+    "BUILTIN",
+    "PQ_PROMPT",
+    "PROMPT_SHA256",
+    "SC_PROMPT_TEMPLATE",
+    "CONTEXT_PROMPT",
+    "JUDGE_PRESETS",
+    "KINDS",
+    "NUM_SCORES",
+    "RELEASE_FILES",
+    "SCORE_RANGE",
+    "JudgeError",
+    "PromptSet",
+    "apply_preset",
+    "load_prompt_set",
+    "parse_scores",
+    "prompt_set",
+    "sc_prompt",
+    "snippet",
+    "valid_score",
+]

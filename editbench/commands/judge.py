@@ -1,0 +1,132 @@
+"""``python -m editbench judge --bundle DIR``: VIEScore of a result bundle, judged offline after
+``test`` (:mod:`metrics.judge.offline`).
+
+The judge is an OpenAI-compatible endpoint (``--base_url``, ``--model``, the API key from the
+environment variable named by ``--api_key_env``; there is no flag or config entry for the key
+itself) or a local LLaVA folder (``--local PATH``). ``--prompts_path`` points at the VIEScore
+release's ``prompts_raw`` folder (default: the built-in prompts, not comparable with published
+numbers); ``--preset viescore-release`` takes the release's judge settings.
+
+Writes ``judge.jsonl``, the VIEScore rows of ``samples.jsonl`` and ``judge_metrics.json`` into the
+bundle and rehashes its manifest; ``--only-failed`` asks again only the failed judgements. The
+exit status is 1 when failures remain (their count is printed), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from metrics.bundle import BundleError
+from metrics.judge.cache import DEFAULT_CACHE_DIR, AnswerCache
+from metrics.judge.judges import BASE_URL_ENV, DEFAULT_BASE_URL, LocalJudge, OpenAIJudge
+from metrics.judge.metric import DEFAULTS
+from metrics.judge.offline import judge_bundle
+from metrics.judge.prompts import JUDGE_PRESETS, apply_preset, prompt_set
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m editbench judge", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add = parser.add_argument
+    add("--bundle", required=True, help="a test run's log dir holding its result bundle")
+    add("--only-failed", "--only_failed", dest="only_failed", action="store_true",
+        help="ask again only the judgements recorded as failed (and samples without a record)")  # fmt: skip
+    add("--base_url", default=None,
+        help=f"OpenAI-compatible endpoint root (default: ${BASE_URL_ENV}, else {DEFAULT_BASE_URL})")  # fmt: skip
+    add("--model", default=DEFAULTS["model"], help="model name sent to the endpoint")
+    add("--api_key_env", default="OPENAI_API_KEY",
+        help="NAME of the environment variable holding the API key (never the key itself)")  # fmt: skip
+    add("--local", default=None, metavar="PATH", help="judge with a local LLaVA folder instead")
+    add("--prompts_path", default=None, help="the VIEScore release's prompts_raw folder")
+    add("--preset", default=None, choices=sorted(JUDGE_PRESETS), help="published judge settings")
+    add("--temperature", type=float, default=DEFAULTS["temperature"])
+    add("--max_tokens", type=int, default=DEFAULTS["max_new_tokens"])
+    add("--image_size", type=int, default=DEFAULTS["image_size"],
+        help="longer side the images are shrunk to (0: native size)")  # fmt: skip
+    add("--image_format", choices=("png", "jpeg"), default=DEFAULTS["image_format"])
+    add("--seed", type=int, default=None, help="sent as the request's seed")
+    add("--timeout", type=float, default=60.0, help="seconds per request")
+    add("--max_retries", type=int, default=3, help="the client's retries of a failed request")
+    add("--retry_delay", type=float, default=1.0, help="first delay before re-asking an answer "
+        "that did not parse")  # fmt: skip
+    add("--num_threads", type=int, default=4, help="concurrent requests")
+    add("--cache_dir", default=DEFAULT_CACHE_DIR, help="answer cache folder")
+    add("--no_cache", action="store_true", help="neither read nor write the answer cache")
+    add("--device", default="cpu", help="local judge: torch device")
+    add("--dtype", default="float32", help="local judge: torch dtype")
+    return parser
+
+
+def make_judge(args: argparse.Namespace) -> OpenAIJudge | LocalJudge:
+    given = {
+        "backend": "local" if args.local else "openai",
+        "model": args.model,
+        "max_new_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "image_size": args.image_size or None,
+        "image_format": args.image_format,
+    }
+    settings = apply_preset(args.preset, given, DEFAULTS)
+    common = {
+        "temperature": settings["temperature"],
+        "image_size": settings["image_size"],
+        "image_format": settings["image_format"],
+        "max_retries": args.max_retries,
+        "seed": args.seed,
+    }
+    if args.local:
+        return LocalJudge(args.local, device=args.device, dtype=args.dtype,
+                          max_new_tokens=settings["max_new_tokens"], **common)  # fmt: skip
+    base_url = args.base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+    judge = OpenAIJudge(settings["model"], base_url, args.api_key_env, timeout=args.timeout,
+                        max_tokens=settings["max_new_tokens"], **common)  # fmt: skip
+    judge.check_key()
+    return judge
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        judge = make_judge(args)
+        prompts = prompt_set(args.prompts_path)
+        cache = None if args.no_cache else AnswerCache(args.cache_dir)
+        result = judge_bundle(
+            args.bundle,
+            judge,
+            prompts,
+            only_failed=args.only_failed,
+            cache=cache,
+            num_threads=args.num_threads,
+            retry_delay=args.retry_delay,
+        )
+    except (BundleError, FileNotFoundError, RuntimeError, ValueError) as err:
+        print(f"editbench judge: error: {err}", file=sys.stderr)
+        return 2
+    summary = result.summary
+
+    def number(value: float | None) -> str:
+        return "–" if value is None else f"{value:.4g}"
+
+    print(
+        f"VIEScore of {result.folder}: {summary['n_judged']} of {summary['n_samples']} samples "
+        f"judged ({result.asked} prompts asked this pass) by {judge.backend}:{judge.model_id}; "
+        f"SC {number(summary['SC'])}, PQ {number(summary['PQ'])}, O {number(summary['O'])}; "
+        f"failure rate {number(summary['failure_rate'])}"
+    )
+    if result.failures:
+        failed = [s for s in result.scores if s.failed]
+        for score in failed[:10]:
+            print(f"  failed {score.id}: {score.reason}", file=sys.stderr)
+        print(
+            f"editbench judge: {result.failures} sample(s) failed (missing from the means, "
+            "not scored 0); rerun with --only-failed to ask only those again",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

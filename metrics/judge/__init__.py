@@ -1,0 +1,28 @@
+"""VIEScore's MLLM judge (Ku et al., ACL 2024), in parts (no Lightning here):
+
+- :mod:`metrics.judge.prompts`: prompt sets (built-in, the release's files), presets, parsing
+- :mod:`metrics.judge.images`: what the judge sees (8-bit RGB, shrunk, PNG/JPEG bytes)
+- :mod:`metrics.judge.judges`: :class:`OpenAIJudge` (the ``openai`` client) and
+  :class:`LocalJudge` (a transformers LLaVA folder)
+- :mod:`metrics.judge.cache`: the answer cache
+- :mod:`metrics.judge.asking`: cache look-ups, concurrent asks, re-asks of unparseable answers
+- :mod:`metrics.judge.record`: the per-sample judge record (``judge.jsonl``) and aggregates
+- :mod:`metrics.judge.offline`: judging a result bundle after ``test`` (``editbench judge``)
+- :mod:`metrics.judge.metric`: the :class:`VIEScore` torchmetrics Metric (the in-test path)
+"""
+
+from metrics.judge.cache import AnswerCache, cache_key
+from metrics.judge.judges import LocalJudge, OpenAIJudge
+from metrics.judge.metric import VIEScore
+from metrics.judge.prompts import PROMPT_SHA256, JudgeError, parse_scores
+
+__all__ = [
+    "PROMPT_SHA256",
+    "AnswerCache",
+    "JudgeError",
+    "LocalJudge",
+    "OpenAIJudge",
+    "VIEScore",
+    "cache_key",
+    "parse_scores",
+]
