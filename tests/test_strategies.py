@@ -79,3 +79,42 @@ def test_deepspeed_zero2_config():
     assert isinstance(strategy, DeepSpeedStrategy)
     zero = strategy.config["zero_optimization"]
     assert zero["stage"] == 2 and zero["overlap_comm"] and zero["contiguous_gradients"]
+
+
+def fsdp_unit_dtypes(model: torch.nn.Module, classes: set[type]) -> dict[str, set[torch.dtype]]:
+    """The parameter dtypes of each FSDP unit the auto-wrap policy makes: every outermost module
+    of ``classes`` is a unit, the remaining parameters form the root unit."""
+    units: dict[str, set[torch.dtype]] = {}
+    claimed: set[int] = set()
+    for name, module in model.named_modules():
+        if type(module) in classes and not any(name.startswith(u + ".") for u in units):
+            units[name] = {p.dtype for p in module.parameters()}
+            claimed |= {id(p) for p in module.parameters()}
+    units["<root>"] = {p.dtype for p in model.parameters() if id(p) not in claimed}
+    return units
+
+
+@pytest.mark.parametrize("mllm_dtype", ["bfloat16", "float32"])
+def test_fsdp_config_gives_units_of_one_dtype(tiny_dir, mllm_dtype):
+    """FSDP flattens each unit's parameters into one tensor and refuses mixed dtypes ("Must
+    flatten tensors with uniform dtype"). MGIE keeps its trainable token rows and head in float32
+    beside the frozen LLaVA, so with the paper config's bfloat16 LLaVA a unit mixes dtypes; the
+    FSDP diff therefore loads the MLLM in float32 (bf16-mixed still computes in bfloat16)."""
+    from models.mgie import MGIE
+
+    config = yaml.safe_load((STRATEGIES / "fsdp.yaml").read_text())
+    assert config["model"]["init_args"]["mllm_dtype"] == "float32"
+    model = MGIE(
+        mllm_path=str(tiny_dir / "llava"),
+        diffusion_path=str(tiny_dir / "instruct-pix2pix"),
+        mllm_dtype=mllm_dtype,
+        edit_head_dim=32, edit_head_heads=4, edit_head_layers=1, edit_head_ff=64,
+    )  # fmt: skip
+    model.configure_model()
+    classes = strategy_from("fsdp.yaml").kwargs["auto_wrap_policy"]._module_classes
+    units = fsdp_unit_dtypes(model, classes)
+    mixed = {name: dtypes for name, dtypes in units.items() if len(dtypes) > 1}
+    if mllm_dtype == "float32":
+        assert not mixed
+    else:
+        assert mixed  # what FSDP would refuse
