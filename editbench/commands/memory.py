@@ -161,7 +161,8 @@ def setup_of(model: str, entry: dict):
 
 def preset_entries(gpu_gb: float, num_gpus: int = NUM_GPUS) -> dict[str, dict]:
     """Every model's preset entry for GPUs of ``gpu_gb`` GiB (:func:`choose_setup`)."""
-    from editbench.memory import CHECKPOINT_UNITS, FSDP_UNITS, HAS_CHECKPOINTING, choose_setup
+    from editbench.activations import CHECKPOINT_UNITS
+    from editbench.memory import FSDP_UNITS, HAS_CHECKPOINTING, choose_setup
 
     entries = {}
     for model in PAPER_CONFIGS:

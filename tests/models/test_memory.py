@@ -11,6 +11,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from editbench import memory
+from editbench.activations import saved_activations, unet_activations
 from editbench.memory import (
     GIB,
     Measurement,
@@ -20,8 +21,6 @@ from editbench.memory import (
     fits,
     max_batch_per_gpu,
     on_meta,
-    saved_activations,
-    unet_activations,
 )
 
 # Published parameter counts (independent of this code):
