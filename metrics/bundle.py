@@ -109,10 +109,9 @@ def write_samples(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
     return path
 
 
-def read_samples(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a ``samples.jsonl``; a bad line is a :class:`BundleError` naming it."""
-    rows = []
-    path = Path(path)
+def _jsonl_rows(path: Path, required: set[str], what: str):
+    """The rows of a bundle JSONL file, blank lines skipped; a line that is not
+    JSON, or not an object with the ``required`` keys, is a :class:`BundleError` naming it."""
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -120,8 +119,16 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise BundleError(f"{path}, line {number}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not {"id", "aggregation", "system", "metric"} <= set(row):
-            raise BundleError(f"{path}, line {number}: not a sample row")
+        if not isinstance(row, dict) or not required <= set(row):
+            raise BundleError(f"{path}, line {number}: not {what}")
+        yield row
+
+
+def read_samples(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a ``samples.jsonl``; a bad line is a :class:`BundleError` naming it."""
+    rows = []
+    required = {"id", "aggregation", "system", "metric"}
+    for row in _jsonl_rows(Path(path), required, "a sample row"):
         rows.append({k: _from_json(v) for k, v in row.items()})
     return rows
 
@@ -159,18 +166,11 @@ def read_inputs(folder: str | Path) -> dict[str, dict[str, Any]]:
             f"{path} is missing: the bundle was written without images "
             "(rerun `test` with --model.init_args.bundle_images true)"
         )
-    rows = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise BundleError(f"{path}, line {number}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not {"id", "instruction"} <= set(row):
-            raise BundleError(f"{path}, line {number}: not an input row (id, instruction)")
-        rows[str(row["id"])] = row
-    return rows
+    required = {"id", "instruction"}
+    return {
+        str(row["id"]): row
+        for row in _jsonl_rows(path, required, "an input row (id, instruction)")
+    }
 
 
 def write_bundle(
