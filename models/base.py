@@ -34,6 +34,7 @@ from metrics.bundle import (
     write_bundle,
     write_inputs,
 )
+from metrics.distributed import is_distributed
 from metrics.evaluation import EditEvaluator
 from metrics.protocols import Protocol, get_protocol
 from metrics.results import results_document, write_results
@@ -486,7 +487,7 @@ class EditModel(L.LightningModule):
     def _gathered_inputs(self) -> list[dict]:
         """Every process's bundle input rows (a collective under DDP: one
         ``all_gather_object``, reached on every rank since all save images or none)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not is_distributed():
             return list(self._bundle_inputs)
         gathered: list = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, self._bundle_inputs)
