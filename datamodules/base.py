@@ -48,7 +48,17 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 REQUIRED_KEYS = ("id", "source", "instruction")
 PATH_KEYS = ("source", "target", "mask")
-TEXT_KEYS = ("expressive", "source_caption", "goal_caption", "session", "previous_output_id")
+#: Per-sample strings carried into the batch; ``category`` is a benchmark's edit type or task
+#: (ImgEdit's ``edit_type``, GEdit's ``task_type``, Emu Edit's ``task``), kept in a result
+#: bundle's ``inputs.jsonl`` for the judge.
+TEXT_KEYS = (
+    "expressive",
+    "source_caption",
+    "goal_caption",
+    "session",
+    "previous_output_id",
+    "category",
+)
 INT_KEYS = ("turn", "num_turns")
 #: Keys ending in this hold native-size images (lists in a batch).
 NATIVE_SUFFIX = "_native"

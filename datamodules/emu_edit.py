@@ -93,6 +93,7 @@ class EmuEditDataModule(EditDataModule):
                         "source_caption": row["input_caption"],
                         "goal_caption": row["output_caption"],
                         "task": row["task"],
+                        "category": row["task"],
                         "table": index,
                         "row": row["row"],
                         "columns": {"source": "image"},

@@ -127,6 +127,7 @@ class GEditBenchDataModule(EditDataModule):
                         "source": f"{path}[row {row['row']}].{self.source_column}",
                         "instruction": row["instruction"],
                         "task_type": row["task_type"],
+                        "category": row["task_type"],
                         "table": index,
                         "row": row["row"],
                         "columns": {"source": self.source_column},

@@ -16,7 +16,8 @@ Edit types (``prompts.json`` keys): add, remove, replace, adjust, action, style,
 extract, compose; the first release of the file (commit c14480a) spelled ``adjust`` as
 ``alter``, read here as ``adjust``.
 
-Samples: ``id`` = ``imgedit/<key>``, ``source`` = ``root / <id>``, ``instruction`` = ``prompt``;
+Samples: ``id`` = ``imgedit/<key>``, ``source`` = ``root / <id>``, ``instruction`` = ``prompt``,
+``category`` = the edit type (it picks the judge's prompt, :mod:`metrics.judge.imgedit`);
 no targets (the ``imgedit`` protocol is judge-scored afterwards, ``judge: imgedit``). An entry
 that is not an object, lacks a key or names an unknown edit type is an error naming the file and
 key.
@@ -113,6 +114,7 @@ class ImgEditBenchDataModule(EditDataModule):
                 "source": str(Path(self.root) / entry["id"]),
                 "instruction": entry["prompt"],
                 "edit_type": RENAMED_TYPES.get(entry["edit_type"], entry["edit_type"]),
+                "category": RENAMED_TYPES.get(entry["edit_type"], entry["edit_type"]),
             }
             for key, entry in entries.items()
         ]

@@ -12,7 +12,8 @@ Layout, in the run's log dir (format ``editbench.bundle/1``)::
                         iterative mode its own previous output) and, where the split has
     targets/<id>.png    them, the ground-truth targets, at the model's resolution
     inputs.jsonl        with the edited images: one row per sample, {"id", "instruction",
-                        "dataset", "session", "turn"}, what an offline judge or a visual
+                        "dataset", "session", "turn"} and "category" where the dataset has
+                        one (a benchmark's edit type), what an offline judge or a visual
                         report needs besides the images
     manifest.json       {"format", "files": {<relative path>: {"sha256", "size"}},
                          "reductions": {<metric>: "mean" | "pooled_psnr"},
@@ -134,18 +135,23 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
 
 
 def input_rows(batch: Mapping[str, Any], dataset: str) -> list[dict[str, Any]]:
-    """The :data:`INPUTS` rows of a test batch: id, instruction and the aggregation keys."""
+    """The :data:`INPUTS` rows of a test batch: id, instruction, the aggregation keys and the
+    sample's ``category`` where the dataset gives one (a benchmark's edit type)."""
     sessions, turns = batch.get("session"), batch.get("turn")
-    return [
-        {
+    categories = batch.get("category")
+    rows = []
+    for i, (sample_id, instruction) in enumerate(zip(batch["id"], batch["instruction"], strict=True)):
+        row = {
             "id": str(sample_id),
             "instruction": str(instruction),
             "dataset": dataset,
             "session": None if sessions is None else str(sessions[i]),
             "turn": None if turns is None else int(turns[i]),
         }
-        for i, (sample_id, instruction) in enumerate(zip(batch["id"], batch["instruction"], strict=True))
-    ]
+        if categories is not None and categories[i] is not None:
+            row["category"] = str(categories[i])
+        rows.append(row)
+    return rows
 
 
 def write_inputs(folder: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:

@@ -1,13 +1,16 @@
-"""``python -m editbench judge --bundle DIR``: VIEScore of a result bundle, judged offline after
-``test`` (:mod:`metrics.judge.offline`).
+"""``python -m editbench judge --bundle DIR``: a result bundle judged offline after ``test``
+(:mod:`metrics.judge.offline`), by VIEScore or by ImgEdit-Bench's judge.
 
-The judge is an OpenAI-compatible endpoint (``--base_url``, ``--model``, the API key from the
-environment variable named by ``--api_key_env``; there is no flag or config entry for the key
-itself) or a local LLaVA folder (``--local PATH``). ``--prompts_path`` points at the VIEScore
-release's ``prompts_raw`` folder (default: the built-in prompts, not comparable with published
-numbers); ``--preset viescore-release`` takes the release's judge settings.
+The scheme is the one the run's protocol names (``judge: imgedit`` for ImgEdit-Bench, VIEScore
+for the others), or ``--scheme``. The judge is an OpenAI-compatible endpoint (``--base_url``,
+``--model``, the API key from the environment variable named by ``--api_key_env``; there is no
+flag or config entry for the key itself) or a local LLaVA folder (``--local PATH``).
+``--prompts_path``: VIEScore: the release's ``prompts_raw`` folder (default: the built-in
+prompts, not comparable with published numbers); ImgEdit: the release's ``prompts.json``
+(required; not shipped). ``--preset viescore-release`` / ``imgedit-release`` take the release's
+judge settings.
 
-Writes ``judge.jsonl``, the VIEScore rows of ``samples.jsonl`` and ``judge_metrics.json`` into the
+Writes ``judge.jsonl``, the judged rows of ``samples.jsonl`` and ``judge_metrics.json`` into the
 bundle and rehashes its manifest; ``--only-failed`` asks again only the failed judgements. The
 exit status is 1 when failures remain (their count is printed), 2 on bad input.
 """
@@ -15,15 +18,23 @@ exit status is 1 when failures remain (their count is printed), 2 on bad input.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
-from metrics.bundle import BundleError
+from metrics.bundle import RESULTS, BundleError
 from metrics.judge.cache import DEFAULT_CACHE_DIR, AnswerCache
+from metrics.judge.imgedit import IMGEDIT_PRESETS, ImgEditPrompts, load_imgedit_prompts
 from metrics.judge.judges import BASE_URL_ENV, DEFAULT_BASE_URL, LocalJudge, OpenAIJudge
 from metrics.judge.metric import DEFAULTS
 from metrics.judge.offline import judge_bundle
-from metrics.judge.prompts import JUDGE_PRESETS, apply_preset, prompt_set
+from metrics.judge.prompts import JUDGE_PRESETS, PromptSet, apply_preset, prompt_set
+
+SCHEMES = ("viescore", "imgedit")
+#: preset -> the scheme it is the release's judge of.
+PRESETS = {**JUDGE_PRESETS, **IMGEDIT_PRESETS}
+PRESET_SCHEMES = {**dict.fromkeys(JUDGE_PRESETS, "viescore"), **dict.fromkeys(IMGEDIT_PRESETS, "imgedit")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--api_key_env", default="OPENAI_API_KEY",
         help="NAME of the environment variable holding the API key (never the key itself)")  # fmt: skip
     add("--local", default=None, metavar="PATH", help="judge with a local LLaVA folder instead")
-    add("--prompts_path", default=None, help="the VIEScore release's prompts_raw folder")
-    add("--preset", default=None, choices=sorted(JUDGE_PRESETS), help="published judge settings")
+    add("--scheme", choices=SCHEMES, default=None,
+        help="viescore or imgedit (default: the judge the run's protocol names)")  # fmt: skip
+    add("--prompts_path", default=None, help="VIEScore: the release's prompts_raw folder; "
+        "ImgEdit: the release's Benchmark/Basic/prompts.json (or its folder)")  # fmt: skip
+    add("--preset", default=None, choices=sorted(PRESETS), help="published judge settings")
     add("--temperature", type=float, default=DEFAULTS["temperature"])
     add("--max_tokens", type=int, default=DEFAULTS["max_new_tokens"])
     add("--image_size", type=int, default=DEFAULTS["image_size"],
@@ -68,7 +82,7 @@ def make_judge(args: argparse.Namespace) -> OpenAIJudge | LocalJudge:
         "image_size": args.image_size or None,
         "image_format": args.image_format,
     }
-    settings = apply_preset(args.preset, given, DEFAULTS)
+    settings = apply_preset(args.preset, given, DEFAULTS, PRESETS)
     common = {
         "temperature": settings["temperature"],
         "image_size": settings["image_size"],
@@ -86,11 +100,45 @@ def make_judge(args: argparse.Namespace) -> OpenAIJudge | LocalJudge:
     return judge
 
 
+def bundle_scheme(folder: str | Path) -> str:
+    """The scheme the bundle's protocol names (``judge: imgedit`` -> imgedit, else viescore)."""
+    from metrics.protocols import get_protocol
+
+    path = Path(folder) / RESULTS
+    if not path.is_file():
+        raise BundleError(f"{path} is missing: not a test run's result bundle")
+    name = (json.loads(path.read_text()).get("protocol") or {}).get("name")
+    try:
+        judge = get_protocol(str(name)).judge
+    except ValueError:
+        judge = None
+    return "imgedit" if judge == "imgedit" else "viescore"
+
+
+def load_prompts(args: argparse.Namespace) -> PromptSet | ImgEditPrompts:
+    """The prompts of the scheme asked for (``--scheme``, else the bundle's protocol's); a
+    preset of the other scheme is an error naming both."""
+    scheme = args.scheme or bundle_scheme(args.bundle)
+    if args.preset is not None and PRESET_SCHEMES[args.preset] != scheme:
+        raise ValueError(
+            f"--preset {args.preset} is {PRESET_SCHEMES[args.preset]}'s judge, but this bundle "
+            f"is judged by {scheme}"
+        )
+    if scheme == "imgedit":
+        if args.prompts_path is None:
+            raise ValueError(
+                "the ImgEdit judge needs --prompts_path: the release's Benchmark/Basic/prompts.json "
+                "(PKU-YuanGroup/ImgEdit); its prompts are not shipped with the suite"
+            )
+        return load_imgedit_prompts(args.prompts_path)
+    return prompt_set(args.prompts_path)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
+        prompts = load_prompts(args)
         judge = make_judge(args)
-        prompts = prompt_set(args.prompts_path)
         cache = None if args.no_cache else AnswerCache(args.cache_dir)
         result = judge_bundle(
             args.bundle,
@@ -105,15 +153,11 @@ def main(argv: list[str]) -> int:
         print(f"editbench judge: error: {err}", file=sys.stderr)
         return 2
     summary = result.summary
-
-    def number(value: float | None) -> str:
-        return "–" if value is None else f"{value:.4g}"
-
     print(
-        f"VIEScore of {result.folder}: {summary['n_judged']} of {summary['n_samples']} samples "
-        f"judged ({result.asked} prompts asked this pass) by {judge.backend}:{judge.model_id}; "
-        f"SC {number(summary['SC'])}, PQ {number(summary['PQ'])}, O {number(summary['O'])}; "
-        f"failure rate {number(summary['failure_rate'])}"
+        f"{result.scheme.name} of {result.folder}: {summary['n_judged']} of "
+        f"{summary['n_samples']} samples judged ({result.asked} prompts asked this pass) by "
+        f"{judge.backend}:{judge.model_id}; {result.scheme.headline(summary)}; failure rate "
+        f"{'–' if summary['failure_rate'] is None else format(summary['failure_rate'], '.4g')}"
     )
     if result.failures:
         failed = [s for s in result.scores if s.failed]

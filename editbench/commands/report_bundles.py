@@ -134,9 +134,10 @@ _JUDGE_TRANSPORT = ("timeout", "max_retries", "base_url")
 def with_judged(
     judge_file: dict[str, Any], columns: list[str], table: dict[str, float], protocol: dict
 ) -> tuple[list[str], dict[str, float], dict[str, Any]]:
-    """A run's columns, table and protocol with the judged VIEScore columns added (the
-    failure rate among them); the judge's description becomes ``metrics.VIEScore``, so runs
-    judged differently (model as reported, prompts, sampling) do not share a column."""
+    """A run's columns, table and protocol with the judged columns added (VIEScore's or
+    ImgEdit's, the failure rate among them); the judge's description becomes
+    ``metrics.<scheme>``, so runs judged differently (model as reported, prompts, sampling) do
+    not share a column."""
     values = judge_file.get("table") or {}
     order = [c for c in judge_file.get("columns") or [] if c in values] or sorted(values)
     columns = [*columns, *(name for name in order if name not in columns)]
@@ -145,9 +146,14 @@ def with_judged(
     protocol = {
         **protocol,
         "scale": {**(protocol.get("scale") or {}), **(judge_file.get("scale") or {})},
-        "metrics": {**(protocol.get("metrics") or {}), "VIEScore": judge},
+        "metrics": {**(protocol.get("metrics") or {}), judge_scheme(judge_file): judge},
     }
     return columns, table, protocol
+
+
+def judge_scheme(judge_file: dict[str, Any]) -> str:
+    """The judge's scheme (``VIEScore`` in files written before ImgEdit's judge existed)."""
+    return str(judge_file.get("scheme") or "VIEScore")
 
 
 def _reduction(bundle: Bundle, metric: str) -> str | None:
@@ -343,12 +349,13 @@ def bundle_notes(check: BundleCheck, resamples: int, seed: int) -> list[str]:
     for label, judge_file in sorted(check.judged.items()):
         judge, summary = judge_file.get("judge") or {}, judge_file.get("summary") or {}
         models = ", ".join(judge.get("models_reported") or []) or str(judge.get("model"))
+        scheme = judge_scheme(judge_file)
         notes.append(
-            f"VIEScore of {label}: judged offline (judge.jsonl) by {judge.get('backend')} "
+            f"{scheme} of {label}: judged offline (judge.jsonl) by {judge.get('backend')} "
             f"{models}, prompts {judge.get('prompt_set')} ({str(judge.get('prompt_sha256'))[:12]})"
             f"; {summary.get('failures')} of {summary.get('n_samples')} samples got no valid "
-            "answer: missing from the VIEScore means (never 0), counted in "
-            "VIEScore_failure_rate."
+            f"answer: missing from the {scheme} means (never 0), counted in "
+            f"{scheme}_failure_rate."
         )
     if check.without_bundle:
         notes.append(

@@ -1,6 +1,12 @@
-"""VIEScore's MLLM judge (Ku et al., ACL 2024), in parts (no Lightning here):
+"""MLLM judges of edits, in parts (no Lightning here): VIEScore (Ku et al., ACL 2024; also
+GEdit-Bench's judge) and ImgEdit-Bench's per-edit-type judge.
 
-- :mod:`metrics.judge.prompts`: prompt sets (built-in, the release's files), presets, parsing
+- :mod:`metrics.judge.prompts`: VIEScore's prompt sets (built-in, the release's files), presets,
+  parsing
+- :mod:`metrics.judge.imgedit`: ImgEdit-Bench's prompts (the release's ``prompts.json``), its
+  preset and its scoring rule
+- :mod:`metrics.judge.rules`: how each kind of question is parsed and checked
+- :mod:`metrics.judge.schemes`: what is asked per bundle sample and the per-sample values
 - :mod:`metrics.judge.images`: what the judge sees (8-bit RGB, shrunk, PNG/JPEG bytes)
 - :mod:`metrics.judge.judges`: :class:`OpenAIJudge` (the ``openai`` client) and
   :class:`LocalJudge` (a transformers LLaVA folder)

@@ -10,7 +10,7 @@ parse, or a body that is not JSON, is asked again, up to the judge's ``parse_att
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +19,8 @@ from PIL import Image
 
 from metrics.judge.cache import AnswerCache, cache_key
 from metrics.judge.judges import Ask, Judge
-from metrics.judge.prompts import NUM_SCORES, JudgeError, PromptSet, parse_scores
+from metrics.judge.prompts import JudgeError
+from metrics.judge.rules import Prompts, score_rule
 
 MAX_BACKOFF_S = 30.0  # cap of the backoff between re-asks of an unparseable answer
 
@@ -52,10 +53,10 @@ class Outcome:
 
 
 def ask_with_retries(
-    ask: Any, num_scores: int, attempts: int, retry_delay: float
+    ask: Any, parse: Callable[[str], list[float]], attempts: int, retry_delay: float
 ) -> Outcome:
     """Call ``ask()`` (returning a :class:`~metrics.judge.judges.Reply` or its text) up to
-    ``attempts`` times until its answer parses; exponential backoff (``retry_delay * 2**k``
+    ``attempts`` times until ``parse`` takes its answer; exponential backoff (``retry_delay * 2**k``
     seconds, capped) between tries. A :class:`JudgeError` with ``retry=False`` (a transport
     failure the client already retried, a refusal) ends the loop; other errors propagate."""
     error, answer, requests, reply = "", "", 0, None
@@ -73,7 +74,7 @@ def ask_with_retries(
         text = reply if isinstance(reply, str) else reply.text
         requests += 1 if isinstance(reply, str) else reply.attempts
         try:
-            scores = parse_scores(text, num_scores)
+            scores = parse(text)
         except JudgeError as err:
             error, answer = str(err), text
             continue
@@ -101,7 +102,7 @@ def request_key(judge: Judge, request: Request) -> str:
 
 
 def cache_record(
-    judge: Judge, prompts: PromptSet, request: Request, outcome: Outcome
+    judge: Judge, prompts: Prompts, request: Request, outcome: Outcome
 ) -> dict[str, Any]:
     """What the cache keeps of a parsed answer (no credentials)."""
     return {
@@ -120,7 +121,7 @@ def cache_record(
 
 def answer_requests(
     judge: Judge,
-    prompts: PromptSet,
+    prompts: Prompts,
     requests: Sequence[Request],
     cache: AnswerCache | None,
     *,
@@ -132,7 +133,7 @@ def answer_requests(
     keys = [request_key(judge, r) for r in requests] if cache is not None else []
     outcomes: list[Outcome | None] = [None] * len(requests)
     for i, request in enumerate(requests):
-        hit = cache.record(keys[i], NUM_SCORES[request.kind]) if cache is not None else None
+        hit = cache.record(keys[i], request.kind) if cache is not None else None
         if hit is not None:
             outcomes[i] = Outcome(
                 hit["scores"], str(hit.get("answer", "")), 0, "",
@@ -156,7 +157,7 @@ def _ask_all(
     def one(request: Request) -> Outcome:
         return ask_with_retries(
             lambda: ask(request.prompt, request.images, request.encoded),
-            NUM_SCORES[request.kind],
+            score_rule(request.kind).parse,
             judge.parse_attempts,
             retry_delay,
         )

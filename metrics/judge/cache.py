@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from metrics.judge.prompts import valid_score
+from metrics.judge.rules import score_rule
 
 DEFAULT_CACHE_DIR = "~/.cache/editbench/viescore"
 
@@ -46,23 +46,21 @@ class AnswerCache:
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
 
-    def record(self, key: str, num_scores: int) -> dict[str, Any] | None:
-        """The cached record for ``key`` with its ``scores`` as floats (None on a miss or an
-        invalid record)."""
+    def record(self, key: str, kind: str) -> dict[str, Any] | None:
+        """The cached record for ``key`` with its ``scores`` as floats (None on a miss or a
+        record whose scores a ``kind`` question cannot give)."""
         try:
             record = json.loads(self.path(key).read_text(encoding="utf-8"))
             scores = record["scores"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        if not isinstance(scores, list) or len(scores) != num_scores:
-            return None
-        if not all(valid_score(s) for s in scores):
+        if not score_rule(kind).valid(scores):
             return None
         return {**record, "scores": [float(s) for s in scores]}
 
-    def get(self, key: str, num_scores: int) -> list[float] | None:
+    def get(self, key: str, kind: str) -> list[float] | None:
         """The cached scores for ``key`` (None on a miss or an invalid record)."""
-        record = self.record(key, num_scores)
+        record = self.record(key, kind)
         return None if record is None else record["scores"]
 
     def put(self, key: str, record: dict[str, Any]) -> None:

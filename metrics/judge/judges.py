@@ -143,7 +143,7 @@ class OpenAIJudge:
         max_retries: the client's retries of a failed request (so at most ``1 + max_retries``
             requests), and the re-asks of an answer that does not parse.
         temperature: None sends none (the API's default).
-        max_tokens: answer length limit.
+        max_tokens: answer length limit; None sends none (the API's default).
         image_format / image_size: how images are encoded (:mod:`metrics.judge.images`).
         seed: sent as the request's ``seed`` when given.
     """
@@ -158,7 +158,7 @@ class OpenAIJudge:
         timeout: float = 60.0,
         max_retries: int = 3,
         temperature: float | None = 0.0,
-        max_tokens: int = 512,
+        max_tokens: int | None = 512,
         image_format: str = "png",
         image_size: int | None = 512,
         seed: int | None = None,
@@ -169,7 +169,7 @@ class OpenAIJudge:
         self.timeout = float(timeout)
         self.max_retries = int(max_retries)
         self.temperature = temperature
-        self.max_tokens = int(max_tokens)
+        self.max_tokens = None if max_tokens is None else int(max_tokens)
         self.image_format = image_format
         self.image_size = image_size
         self.seed = seed
@@ -249,12 +249,13 @@ class OpenAIJudge:
             extra["temperature"] = self.temperature
         if self.seed is not None:
             extra["seed"] = self.seed
+        if self.max_tokens is not None:
+            extra["max_tokens"] = self.max_tokens
         self._counts[threading.get_ident()] = 0
         try:
             response = client.chat.completions.create(
                 model=self.model,
                 messages=chat_messages(prompt, encoded, self.image_format),
-                max_tokens=self.max_tokens,
                 extra_headers=headers,
                 **extra,
             )

@@ -2,23 +2,25 @@
 
 One judge pass over the bundle's images serves every aggregation, and no GPU waits on HTTP.
 The bundle (:mod:`metrics.bundle`) is read and verified against its manifest; for each sample
-of ``inputs.jsonl`` the judge answers VIEScore's SC prompt on ``[sources/<id>.png,
-images/<id>.png]`` with the instruction and the PQ prompt on ``images/<id>.png``. Written into
-the bundle:
+of ``inputs.jsonl`` the judge answers the questions of a scheme (:mod:`metrics.judge.schemes`):
+VIEScore's SC prompt on ``[sources/<id>.png, images/<id>.png]`` with the instruction and its PQ
+prompt on ``images/<id>.png``, or ImgEdit-Bench's prompt of the sample's edit type on
+``[sources/<id>.png, images/<id>.png]``. Written into the bundle:
 
-- ``judge.jsonl``: one :class:`~metrics.judge.record.JudgeRecord` per sample and prompt;
-- ``samples.jsonl``: per sample and aggregation (those the sample's rows already have), rows
-  ``VIEScore_SC``, ``VIEScore_PQ``, ``VIEScore_O`` (value null where the sample failed: missing,
-  never 0) and ``VIEScore_failure_rate`` (1 failed, 0 judged; its mean is the failure rate),
-  all reduced by ``mean``, so the report recomputes them and bootstraps their intervals;
-- ``judge_metrics.json`` (:data:`JUDGE_METRICS`): the aggregates keyed as in
+- ``judge.jsonl``: one :class:`~metrics.judge.record.JudgeRecord` per sample and question;
+- ``samples.jsonl``: per sample and aggregation (those the sample's rows already have), the
+  scheme's rows (``VIEScore_SC``, ``VIEScore_PQ``, ``VIEScore_O``, or ``ImgEdit_<edit_type>``;
+  value null where the sample failed: missing, never 0) and ``<scheme>_failure_rate`` (1 failed,
+  0 judged; its mean is the failure rate), all reduced by ``mean``, so the report recomputes
+  them and bootstraps their intervals; the rows of an earlier judgement are replaced;
+- ``judge_metrics.json`` (:data:`JUDGE_METRICS`): the scheme, the aggregates keyed as in
   ``test_metrics.json`` (``metrics``), the default aggregation's values as the table shows
-  them (``table``, scaled as the run's protocol scales VIEScore) with their ``scale``, the
-  summary over all samples (means over the judged ones, ``n_judged``, ``failures``,
-  ``failure_rate``) and the judge's description (no credentials);
+  them (``table``, scaled as the run's protocol scales them) with their ``scale``, the summary
+  over all samples (means over the judged ones, ``n_judged``, ``failures``, ``failure_rate``)
+  and the judge's description (no credentials);
 - ``manifest.json`` rehashed for the three files.
 
-``only_failed=True`` asks again only the prompts whose record has ``failed: true`` and the
+``only_failed=True`` asks again only the questions whose record has ``failed: true`` and the
 samples without a record; every other line of ``judge.jsonl`` is kept byte for byte.
 """
 
@@ -31,10 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from metrics.bundle import (
-    IMAGES,
     RESULTS,
     SAMPLES,
-    SOURCES,
     Bundle,
     BundleError,
     image_name,
@@ -47,34 +47,29 @@ from metrics.bundle import (
 from metrics.judge.asking import Request, answer_requests
 from metrics.judge.cache import AnswerCache
 from metrics.judge.images import encode_image, load_image
+from metrics.judge.imgedit import ImgEditPrompts
 from metrics.judge.judges import Judge
-from metrics.judge.prompts import KINDS, PromptSet
-from metrics.judge.record import (
-    RECORDS,
-    JudgeRecord,
-    SampleScore,
-    read_records,
-    sample_scores,
-    summarize,
-    write_records,
-)
+from metrics.judge.prompts import PromptSet
+from metrics.judge.record import RECORDS, JudgeRecord, read_records, write_records
+from metrics.judge.schemes import SampleResult, Scheme, VIEScoreScheme, scheme_for
 
 JUDGE_METRICS = "judge_metrics.json"
 JUDGE_FORMAT = "editbench.judge_metrics/1"
-#: The per-sample rows the judge adds (summary key -> metric name).
-METRIC_NAMES = {"SC": "VIEScore_SC", "PQ": "VIEScore_PQ", "O": "VIEScore_O"}
-FAILURE_RATE = "VIEScore_failure_rate"
-ROW_METRICS = (*METRIC_NAMES.values(), FAILURE_RATE)
+#: VIEScore's per-sample rows (summary key -> metric name), its failure rate and all its rows.
+METRIC_NAMES = VIEScoreScheme.metric_names
+FAILURE_RATE = VIEScoreScheme.failure_metric
+ROW_METRICS = VIEScoreScheme.columns
 
 
 @dataclass
 class JudgedBundle:
-    """What one judge pass did: the records, the per-sample scores, the summary and the
-    number of prompts asked (cache hits included) in this pass."""
+    """What one judge pass did: the scheme, the records, the per-sample results, the summary
+    and the number of questions asked (cache hits included) in this pass."""
 
     folder: Path
+    scheme: Scheme
     records: list[JudgeRecord]
-    scores: list[SampleScore]
+    scores: list[SampleResult]
     summary: dict[str, Any]
     asked: int
 
@@ -105,9 +100,9 @@ def _requests(
     folder: Path,
     bundle: Bundle,
     inputs: dict[str, dict],
-    todo: Sequence[tuple[str, str]],
+    todo: set[tuple[str, str]],
     judge: Judge,
-    prompts: PromptSet,
+    scheme: Scheme,
 ) -> list[Request]:
     requests = []
     loaded: dict[tuple[str, str], tuple[Any, bytes]] = {}
@@ -118,32 +113,27 @@ def _requests(
             loaded[(sample, kind)] = (picture, encode_image(picture, judge.image_format))
         return loaded[(sample, kind)]
 
-    for sample, kind in todo:
-        instruction = str(inputs[sample]["instruction"])
-        edit, edit_bytes = image(sample, IMAGES)
-        if kind == "SC":
-            source, source_bytes = image(sample, SOURCES)
-            prompt = prompts.sc(instruction)
+    for sample in sorted(inputs):
+        for question in scheme.questions(sample, inputs[sample]):
+            if (sample, question.kind) not in todo:
+                continue
+            pictures = [image(sample, kind) for kind in question.images]
             requests.append(
-                Request(sample, kind, prompt, (source, edit), (source_bytes, edit_bytes),
-                        instruction)  # fmt: skip
-            )
-        else:
-            requests.append(
-                Request(sample, kind, prompts.pq_prompt, (edit,), (edit_bytes,), instruction)
-            )
+                Request(sample, question.kind, question.prompt, tuple(p for p, _ in pictures),
+                        tuple(b for _, b in pictures), str(inputs[sample]["instruction"]))
+            )  # fmt: skip
     return requests
 
 
-def _record(judge: Judge, prompts: PromptSet, request: Request, outcome: Any) -> JudgeRecord:
+def _record(judge: Judge, scheme: Scheme, request: Request, outcome: Any) -> JudgeRecord:
     failed = outcome.scores is None
     return JudgeRecord(
         id=str(request.sample),
         kind=request.kind,
         backend=judge.backend,
         model=judge.model_id,
-        prompt_set=prompts.name,
-        prompt_sha256=prompts.sha256,
+        prompt_set=scheme.prompts.name,
+        prompt_sha256=scheme.prompts.sha256,
         sampling=judge.settings(),
         model_reported=outcome.model,
         system_fingerprint=outcome.system_fingerprint,
@@ -157,118 +147,132 @@ def _record(judge: Judge, prompts: PromptSet, request: Request, outcome: Any) ->
 
 
 def judge_rows(
-    bundle: Bundle, inputs: dict[str, dict], scores: Sequence[SampleScore], aggregation: str
+    bundle: Bundle,
+    inputs: dict[str, dict],
+    results: Sequence[SampleResult],
+    aggregation: str,
+    judged: Sequence[str] = ROW_METRICS,
 ) -> list[dict[str, Any]]:
-    """The :data:`ROW_METRICS` rows: per sample, one per aggregation its model rows have
-    (``aggregation`` for a sample without rows)."""
+    """The judge's rows: per sample, one per aggregation its model rows (other than the
+    ``judged`` metrics) have (``aggregation`` for a sample without rows)."""
     keys: dict[str, dict[tuple, dict]] = {}
     for row in bundle.rows:
-        if row["system"] == "model" and row["metric"] not in ROW_METRICS:
+        if row["system"] == "model" and row["metric"] not in judged:
             key = (row["aggregation"], row.get("dataset"), row.get("session"), row.get("turn"))
             keys.setdefault(str(row["id"]), {}).setdefault(key, row)
     out = []
-    for score in scores:
-        found = keys.get(score.id)
+    for result in results:
+        found = keys.get(result.id)
         if not found:
-            given = inputs[score.id]
+            given = inputs[result.id]
             found = {(aggregation, given.get("dataset"), given.get("session"), given.get("turn")): {}}
-        values = {
-            METRIC_NAMES["SC"]: score.sc,
-            METRIC_NAMES["PQ"]: score.pq,
-            METRIC_NAMES["O"]: score.o,
-            FAILURE_RATE: 1.0 if score.failed else 0.0,
-        }
         for agg, dataset, session, turn in found:
-            for metric, value in values.items():
+            for metric, value in result.values.items():
                 out.append(
-                    {"id": score.id, "dataset": dataset, "session": session, "turn": turn,
+                    {"id": result.id, "dataset": dataset, "session": session, "turn": turn,
                      "aggregation": agg, "system": "model", "metric": metric, "value": value}
                 )  # fmt: skip
     return out
 
 
-def _scale(protocol: dict[str, Any], name: str) -> float:
+def _scale(protocol: dict[str, Any], scheme: Scheme, name: str) -> float:
     """The table multiplier of ``name`` in the run's protocol (as the evaluator scales it)."""
     from metrics.protocols import get_protocol
 
-    if name == FAILURE_RATE:
+    if name == scheme.failure_metric:
         return 1.0
     try:
         return float(get_protocol(str(protocol.get("name"))).scale_of(name))
     except ValueError:
         scale = protocol.get("scale") or {}
-        return float(scale.get(name, scale.get("VIEScore", 1.0)))
+        return float(scale.get(name, scale.get(scheme.name, 1.0)))
+
+
+def _kept_records(
+    folder: Path, inputs: dict[str, dict], judge: Judge, scheme: Scheme
+) -> dict[tuple[str, str], tuple[JudgeRecord, str]]:
+    """The judged records of ``judge.jsonl`` to keep (``--only-failed``); a record of another
+    judge, prompt set or sampling is a :class:`BundleError` (no mixed judges)."""
+    kept: dict[tuple[str, str], tuple[JudgeRecord, str]] = {}
+    if not (folder / RECORDS).is_file():
+        return kept
+    current = (judge.backend, judge.model_id, scheme.prompts.sha256, judge.settings())
+    for record, line in read_records(folder / RECORDS):
+        if not record.failed and record.id in inputs:
+            kept[(record.id, record.kind)] = (record, line)
+        given = (record.backend, record.model, record.prompt_sha256, record.sampling)
+        if given != current:
+            raise BundleError(
+                f"{folder / RECORDS}: --only-failed would mix judges: {record.id} "
+                f"{record.kind} was judged by {given[:2]} (prompts {given[2][:12]}, "
+                f"{given[3]}), this pass asks {current[:2]} (prompts {current[2][:12]}, "
+                f"{current[3]}); rerun without --only-failed to judge every sample anew"
+            )
+    return kept
 
 
 def judge_bundle(
     folder: str | Path,
     judge: Judge,
-    prompts: PromptSet,
+    prompts: PromptSet | ImgEditPrompts,
     *,
     only_failed: bool = False,
     cache: AnswerCache | None = None,
     num_threads: int = 4,
     retry_delay: float = 1.0,
 ) -> JudgedBundle:
-    """Judge the bundle in ``folder`` and write the judge's files into it (module docstring)."""
+    """Judge the bundle in ``folder`` with the scheme of ``prompts`` (VIEScore for a
+    :class:`PromptSet`, ImgEdit for :class:`ImgEditPrompts`) and write the judge's files into
+    it (module docstring)."""
     folder = Path(folder)
+    scheme = scheme_for(prompts)
     bundle = _verified_bundle(folder)
     inputs = read_inputs(folder)
     ids = sorted(inputs)
-    kept: dict[tuple[str, str], tuple[JudgeRecord, str]] = {}
-    if only_failed and (folder / RECORDS).is_file():
-        current = (judge.backend, judge.model_id, prompts.sha256, judge.settings())
-        for record, line in read_records(folder / RECORDS):
-            if not record.failed and record.id in inputs:
-                kept[(record.id, record.kind)] = (record, line)
-            given = (record.backend, record.model, record.prompt_sha256, record.sampling)
-            if given != current:
-                raise BundleError(
-                    f"{folder / RECORDS}: --only-failed would mix judges: {record.id} "
-                    f"{record.kind} was judged by {given[:2]} (prompts {given[2][:12]}, "
-                    f"{given[3]}), this pass asks {current[:2]} (prompts {current[2][:12]}, "
-                    f"{current[3]}); rerun without --only-failed to judge every sample anew"
-                )
-    todo = [(i, k) for i in ids for k in KINDS if (i, k) not in kept]
-    requests = _requests(folder, bundle, inputs, todo, judge, prompts)
+    kept = _kept_records(folder, inputs, judge, scheme) if only_failed else {}
+    order = [(i, q.kind) for i in ids for q in scheme.questions(i, inputs[i])]
+    todo = {key for key in order if key not in kept}
+    requests = _requests(folder, bundle, inputs, todo, judge, scheme)
     outcomes = (
         answer_requests(
-            judge, prompts, requests, cache, num_threads=num_threads, retry_delay=retry_delay
+            judge, scheme.prompts, requests, cache, num_threads=num_threads, retry_delay=retry_delay
         )
         if requests
         else []
     )
     new = {
-        (r.sample, r.kind): _record(judge, prompts, r, o)
+        (r.sample, r.kind): _record(judge, scheme, r, o)
         for r, o in zip(requests, outcomes, strict=True)
     }
     records, lines = [], []
-    for key in ((i, k) for i in ids for k in KINDS):
+    for key in order:
         record, line = kept[key] if key in kept else (new[key], None)
         records.append(record)
         lines.append(line if line is not None else record)
     write_records(folder / RECORDS, lines)
 
-    scores = sample_scores(records, ids)
-    summary = summarize(scores)
+    results, summary = scheme.results(records, ids, inputs)
     document = json.loads((folder / RESULTS).read_text())
     protocol = document.get("protocol") or {}
-    ours = judge_rows(bundle, inputs, scores, str(protocol.get("aggregation", "all")))
-    rows = [r for r in bundle.rows if r["metric"] not in ROW_METRICS] + ours
+    earlier = read_judge_metrics(folder)
+    replaced = {*scheme.columns, *((earlier or {}).get("columns") or ())}
+    ours = judge_rows(bundle, inputs, results, str(protocol.get("aggregation", "all")), replaced)
+    rows = [r for r in bundle.rows if r["metric"] not in replaced] + ours
     write_samples(folder / SAMPLES, rows)
-    reductions = {name: "mean" for name in ROW_METRICS}
+    reductions = dict.fromkeys(scheme.columns, "mean")
     metrics = recompute(Bundle(folder, {"reductions": reductions}, ours), protocol)
-    scale = {name: _scale(protocol, name) for name in ROW_METRICS}
+    scale = {name: _scale(protocol, scheme, name) for name in scheme.columns}
     table = {}  # the default aggregation's values, scaled (test_metrics.json's `table`)
-    for name in ROW_METRICS:
+    for name in scheme.columns:
         value = metrics.get(f"test/{name}")
         table[name] = None if value is None or value != value else value * scale[name]
     reported = sorted({r.model_reported for r in records if r.model_reported})
     judged = {
         "format": JUDGE_FORMAT,
-        "judge": {**judge.describe(), **prompts.describe(), "models_reported": reported},
+        "scheme": scheme.name,
+        "judge": {**judge.describe(), **scheme.prompts.describe(), "models_reported": reported},
         "aggregation": protocol.get("aggregation", "all"),
-        "columns": list(ROW_METRICS),
+        "columns": list(scheme.columns),
         "metrics": metrics,
         "table": table,
         "scale": scale,
@@ -279,10 +283,10 @@ def judge_bundle(
         folder,
         [SAMPLES, RECORDS, JUDGE_METRICS],
         reductions=reductions,
-        recomputable=ROW_METRICS,
+        recomputable=scheme.columns,
         num_rows=len(rows),
     )
-    return JudgedBundle(folder, records, scores, summary, len(requests))
+    return JudgedBundle(folder, scheme, records, results, summary, len(requests))
 
 
 def read_judge_metrics(folder: str | Path) -> dict[str, Any] | None:

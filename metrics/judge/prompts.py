@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,16 +209,19 @@ JUDGE_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def apply_preset(
-    preset: str | None, given: dict[str, Any], defaults: dict[str, Any]
+    preset: str | None,
+    given: dict[str, Any],
+    defaults: dict[str, Any],
+    presets: Mapping[str, dict[str, Any]] = JUDGE_PRESETS,
 ) -> dict[str, Any]:
     """``given`` with the preset's settings filled in where ``given`` holds the constructor
     default; a non-default value that contradicts the preset is an error naming both."""
     if preset is None:
         return dict(given)
-    if preset not in JUDGE_PRESETS:
-        raise ValueError(f"VIEScore: unknown preset {preset!r}; known: {sorted(JUDGE_PRESETS)}")
+    if preset not in presets:
+        raise ValueError(f"judge: unknown preset {preset!r}; known: {sorted(presets)}")
     out = dict(given)
-    for key, value in JUDGE_PRESETS[preset].items():
+    for key, value in presets[preset].items():
         if given[key] == defaults[key] or given[key] == value:
             out[key] = value
         else:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from metrics.judge.prompts import KINDS, NUM_SCORES, valid_score
+from metrics.judge.rules import score_rule
 
 RECORDS = "judge.jsonl"
 
@@ -51,13 +51,10 @@ class JudgeRecord:
     cached: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"judge record kind must be one of {KINDS}, got {self.kind!r}")
+        rule = score_rule(self.kind)
         if self.failed != (self.scores is None):
             raise ValueError("a judge record has scores exactly when it did not fail")
-        if self.scores is not None and (
-            len(self.scores) != NUM_SCORES[self.kind] or not all(map(valid_score, self.scores))
-        ):
+        if self.scores is not None and not rule.valid(self.scores):
             raise ValueError(f"bad {self.kind} scores {self.scores!r}")
 
     def line(self) -> str:

@@ -17,18 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.benchmark_runs import run_test
 from fixtures.benchmarks import emu_image, write_emu_edit, write_gedit, write_imgedit
 from PIL import Image
 
 from editbench.cli import main
 from metrics.bundle import image_name, read_samples
-
-REPO = Path(__file__).resolve().parents[2]
-QUICKSTART = str(REPO / "experiments" / "quickstart.yaml")
-
-
-def eval_diff(bench: str) -> str:
-    return str(REPO / "experiments" / "tiny" / "eval" / f"{bench}.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -37,24 +31,6 @@ def backbones(tmp_path_factory) -> dict[str, str]:
 
     out = tmp_path_factory.mktemp("backbones")
     return {"clip": str(save_tiny_clip(out / "clip")), "dino": str(save_tiny_dino(out / "dino"))}
-
-
-def run_test(bench: str, root: Path, tiny_dir: Path, save: Path, *extra: str) -> Path:
-    """One ``test`` run; its log dir."""
-    args = [
-        "test", "-c", QUICKSTART, "-c", eval_diff(bench),
-        "--trainer.accelerator", "cpu",
-        "--trainer.callbacks", "[]",  # the quickstart's asset/checkpoint callbacks: not for test
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.save_dir", str(save),
-        "--model.init_args.diffusion_path", str(tiny_dir / "instruct-pix2pix"),
-        "--model.init_args.num_inference_steps", "2",
-        "--data.init_args.root", str(root),
-        *extra,
-    ]  # fmt: skip
-    assert main(args) == 0
-    (folder,) = sorted(save.glob("quickstart/version_*"))
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -330,12 +330,14 @@ def test_cache_files_are_atomic_json_and_bad_records_miss(tmp_path):
     cache = AnswerCache(tmp_path)
     key = "ab" + "0" * 62
     cache.put(key, {"scores": [3, 4], "answer": "x"})
-    assert cache.get(key, 2) == [3.0, 4.0] and cache.get(key, 3) is None
+    assert cache.get(key, "SC") == [3.0, 4.0]
     assert [p.name for p in tmp_path.rglob("*")] == ["ab", f"{key}.json"]  # no temp file left
     cache.path(key).write_text("{truncated")
-    assert cache.get(key, 2) is None
+    assert cache.get(key, "SC") is None
     cache.put(key, {"scores": [3, 12]})
-    assert cache.get(key, 2) is None
+    assert cache.get(key, "SC") is None
+    cache.put(key, {"scores": [3, 4, 5]})  # three scores: an ImgEdit answer, not an SC one
+    assert cache.get(key, "SC") is None and cache.get(key, "ImgEdit") == [3.0, 4.0, 5.0]
 
 
 # --------------------------------------------------------------------------- (6) API key
