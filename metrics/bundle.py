@@ -323,9 +323,11 @@ def update_manifest(
     reductions: Mapping[str, str] | None = None,
     recomputable: Sequence[str] = (),
     num_rows: int | None = None,
+    removed: Sequence[str] = (),
 ) -> Path:
     """Rewrite ``manifest.json`` after a step added or rewrote bundle files (the offline
-    judge): hash ``files`` (paths relative to ``folder``) anew, add ``reductions``, take the
+    judge): hash ``files`` (paths relative to ``folder``) anew, drop the reductions of the
+    ``removed`` metrics (rows no longer in ``samples.jsonl``), add ``reductions``, take the
     ``recomputable`` metrics off ``not_recomputable`` and set ``num_rows``; every other entry
     is kept as it was."""
     folder = Path(folder)
@@ -334,7 +336,8 @@ def update_manifest(
     for name in files:
         target = folder / name
         manifest["files"][name] = {"sha256": sha256_of(target), "size": target.stat().st_size}
-    manifest["reductions"] = {**(manifest.get("reductions") or {}), **dict(reductions or {})}
+    kept = {k: v for k, v in (manifest.get("reductions") or {}).items() if k not in removed}
+    manifest["reductions"] = {**kept, **dict(reductions or {})}
     drop = set(recomputable)
     manifest["not_recomputable"] = [m for m in manifest.get("not_recomputable") or [] if m not in drop]
     if num_rows is not None:

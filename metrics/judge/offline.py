@@ -285,6 +285,7 @@ def judge_bundle(
         reductions=reductions,
         recomputable=scheme.columns,
         num_rows=len(rows),
+        removed=sorted(replaced - set(scheme.columns)),
     )
     return JudgedBundle(folder, scheme, records, results, summary, len(requests))
 

@@ -15,11 +15,20 @@ import math
 from pathlib import Path
 
 import pytest
+from fixtures.benchmarks import write_imgedit_prompts
 from fixtures.judge_stub import REPORTED_MODEL, StubJudge, answer, serve
 from PIL import Image
 
-from metrics.bundle import BundleError, read_bundle, read_samples, write_bundle, write_inputs
+from metrics.bundle import (
+    BundleError,
+    read_bundle,
+    read_samples,
+    update_manifest,
+    write_bundle,
+    write_inputs,
+)
 from metrics.judge.cache import AnswerCache
+from metrics.judge.imgedit import load_imgedit_prompts
 from metrics.judge.judges import OpenAIJudge
 from metrics.judge.offline import FAILURE_RATE, JUDGE_METRICS, judge_bundle
 from metrics.judge.prompts import BUILTIN, PROMPT_SHA256
@@ -189,3 +198,28 @@ def test_record_rules_and_summary():
     summary = summarize(scores)
     assert summary["O"] == pytest.approx(math.sqrt(10.0)) and summary["n_judged"] == 1
     assert summary["failure_rate"] == pytest.approx(2 / 3)
+
+
+def test_another_scheme_replaces_the_earlier_judgement(stub, tmp_path, monkeypatch):
+    """VIEScore first, then ImgEdit's judge: the VIEScore rows and reductions leave the bundle,
+    the ImgEdit rows (by the sample's category) take their place, and the bundle verifies."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    folder = make_bundle(tmp_path / "run")
+    judge_bundle(folder, openai_judge(stub), BUILTIN, retry_delay=0.0)
+    assert "VIEScore_O" in read_bundle(folder).reductions
+    inputs = [json.loads(line) for line in (folder / "inputs.jsonl").read_text().splitlines()]
+    with pytest.raises(BundleError, match="no 'category'"):
+        judge_bundle(folder, openai_judge(stub), load_imgedit_prompts(write_imgedit_prompts(
+            tmp_path / "prompts.json")), retry_delay=0.0)  # fmt: skip
+    write_inputs(folder, [{**row, "category": "add" if i % 2 else "style"}
+                          for i, row in enumerate(inputs)])  # fmt: skip
+    update_manifest(folder, ["inputs.jsonl"])
+    stub.default = "Brief reasoning: ok\nCompliance: 4\nNaturalness: 3\nDetail: 3"  # 3.33
+    prompts = load_imgedit_prompts(tmp_path / "prompts.json")
+    result = judge_bundle(folder, openai_judge(stub), prompts, retry_delay=0.0)
+    assert result.summary["type_scores"] == {"add": 3.33, "style": 3.33}
+    bundle = read_bundle(folder)
+    assert not any(name.startswith("VIEScore") for name in bundle.reductions)
+    metrics = {r["metric"] for r in read_samples(folder / "samples.jsonl")}
+    assert metrics == {"L1", "ImgEdit_add", "ImgEdit_style", "ImgEdit_failure_rate"}
+    assert {r.kind for r, _ in read_records(folder / "judge.jsonl")} == {"ImgEdit"}
