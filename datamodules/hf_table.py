@@ -5,8 +5,8 @@ structs (the ``datasets.Image`` feature).
 :func:`open_tables` opens the files from local paths only (parquet through ``datasets``, which
 memory-maps an Arrow copy under ``cache_dir``; Arrow files memory-mapped as they are) and checks
 their columns; :func:`read_columns` reads the text columns and names the file and row of a null
-or empty value; :class:`TableDataset` decodes a record's images from its table row, as
-:class:`datamodules.magicbrush.MagicBrushDataset` does for MagicBrush's shards.
+or empty value; :class:`TableDataset` decodes a record's images from its table row (MagicBrush's
+train/dev shards, Emu Edit, GEdit-Bench).
 """
 
 from __future__ import annotations

@@ -51,7 +51,6 @@ Masks: decoded as 8-bit greyscale; pixels ≥ 128 (white) are the edit region (1
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -61,9 +60,8 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from datamodules.decode import decode
-
-from .base import BadSampleError, EditDataModule, EditDataset
+from .base import EditDataModule
+from .hf_table import TableDataset, open_tables, table_files
 from .sampling import EvalDistributedSampler, process_layout
 
 log = logging.getLogger(__name__)
@@ -175,55 +173,14 @@ class TurnBatchSampler(Sampler[list[int]]):
         return len(self._batches())
 
 
-class MagicBrushDataset(EditDataset):
-    """EditDataset whose records may point into parquet shards instead of files.
+def _undecoded(table: Any) -> Any:
+    """``table`` with its image columns kept as ``{bytes, path}`` structs (decoded per sample
+    by :class:`~datamodules.hf_table.TableDataset`)."""
+    import datasets
 
-    A record with `shard` (index into `shards`) and `row` has its images decoded from the
-    shard's `{bytes, path}` structs; other records load files like `EditDataset`.
-
-    Args:
-        records: as for EditDataset, plus `shard`/`row` for parquet rows.
-        transform: torchvision v2 transform applied to (source, target, mask) together.
-        split: split name, used in error messages.
-        on_bad_sample: "error" raises BadSampleError; "skip" returns a SkippedSample.
-        shards: (shard path, `datasets.Dataset` with undecoded image columns) per shard.
-    """
-
-    def __init__(
-        self,
-        records: list[dict],
-        transform,
-        split: str,
-        on_bad_sample: Literal["error", "skip"] = "error",
-        shards: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        super().__init__(records, transform, split, on_bad_sample)
-        self.shards = list(shards)
-
-    def _load(self, index: int, key: str, mode: str) -> torch.Tensor:
-        record = self.records[index]
-        if record.get("shard") is None:
-            return super()._load(index, key, mode)
-        path, table = self.shards[record["shard"]]
-        row, column = record["row"], IMAGE_COLUMNS[key]
-        where = (
-            f"shard {path}, row {row}, column {column!r} (split {self.split!r}, "
-            f"id {record.get('id')!r})"
-        )
-        try:
-            value = table.data.column(column)[row].as_py()  # one memory-mapped cell
-            if value is None:
-                raise ValueError("no image stored")
-            data = value.get("bytes")
-            if data is not None:
-                return decode(data, mode)
-            if value.get("path"):  # a struct holding only a path: relative to the shard
-                return decode(Path(path).parent / value["path"], mode)
-            raise ValueError("neither bytes nor a path stored")
-        except (OSError, ValueError, SyntaxError) as err:
-            raise BadSampleError(
-                f"cannot read {key} image in {where}: {type(err).__name__}: {err}"
-            ) from err
+    for column in IMAGE_COLUMNS.values():
+        table = table.cast_column(column, datasets.Image(decode=False))
+    return table
 
 
 def _read_json(path: Path) -> Any:
@@ -261,7 +218,7 @@ class MagicBrushDataModule(EditDataModule):
     protocol = "magicbrush"
     #: Turns per split in the public release (train/dev parquet, test sessions).
     published_counts = {"train": 8807, "val": 528, "test": 1053}
-    dataset_class = MagicBrushDataset
+    dataset_class = TableDataset
 
     def __init__(
         self,
@@ -294,32 +251,15 @@ class MagicBrushDataModule(EditDataModule):
     def shard_paths(self, split: str) -> list[str]:
         """Sorted shard files of `split` ("train" or "val"); FileNotFoundError if none match."""
         pattern = self.train_files if split == "train" else self.val_files
-        full = str(Path(self.root) / pattern)
-        paths = sorted(glob.glob(full))
-        if not paths:
-            raise FileNotFoundError(f"no MagicBrush {split} shards match {full}")
-        return paths
+        return table_files(self.root, pattern, f"MagicBrush {split} shard")
 
     def _open_shards(self, split: str) -> list[tuple[str, Any]]:
         """(path, datasets.Dataset with undecoded images) per shard of `split`, cached."""
         if split not in self._shards:
-            import datasets
-
-            opened = []
-            for path in self.shard_paths(split):
-                table = datasets.load_dataset(
-                    "parquet", data_files=[path], split="train", cache_dir=self.cache_dir
-                )
-                missing = [c for c in PARQUET_COLUMNS if c not in table.column_names]
-                if missing:
-                    raise ValueError(
-                        f"MagicBrush shard {path} lacks column(s) {missing} "
-                        f"(has {table.column_names})"
-                    )
-                for column in IMAGE_COLUMNS.values():
-                    table = table.cast_column(column, datasets.Image(decode=False))
-                opened.append((path, table))
-            self._shards[split] = opened
+            opened = open_tables(
+                self.shard_paths(split), PARQUET_COLUMNS, "MagicBrush shard", self.cache_dir
+            )
+            self._shards[split] = [(path, _undecoded(table)) for path, table in opened]
         return self._shards[split]
 
     def _parquet_records(self, split: str) -> list[dict]:
@@ -348,8 +288,9 @@ class MagicBrushDataModule(EditDataModule):
                         "instruction": instruction,
                         "session": img_id,
                         "turn": int(turn),
-                        "shard": shard,
+                        "table": shard,
                         "row": row,
+                        "columns": IMAGE_COLUMNS,
                     }
                 )
         num_turns: dict[str, int] = {}
@@ -438,7 +379,7 @@ class MagicBrushDataModule(EditDataModule):
         return official_output_path(sample_id, self.test_mode)
 
     def dataset_kwargs(self, split: str) -> dict[str, Any]:
-        return {"shards": self._open_shards(split) if split in ("train", "val") else ()}
+        return {"tables": self._open_shards(split) if split in ("train", "val") else ()}
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split != "test" or self.test_mode != "iterative":

@@ -242,7 +242,7 @@ def test_bad_shard_row_names_shard_and_row(tmp_path):
 
 
 def test_missing_shards_and_columns(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no MagicBrush train shards match"):
+    with pytest.raises(FileNotFoundError, match="no MagicBrush train shard files match"):
         make(tmp_path).build_records("train")
     (tmp_path / "data").mkdir()
     datasets.Dataset.from_dict({"img_id": ["1"], "turn_index": [1]}).to_parquet(
