@@ -17,6 +17,9 @@ emu-edit            CLIP_direction, CVS, CTS,     Emu Edit test set, against the
                     L1, DINO                      (``reference: source``; no targets)
 gedit-*, imgedit    L1 (against the input)        judge-scored afterwards (``judge``);
                                                   docs/benchmarks.md
+reason-edit-*       PSNR, SSIM, LPIPS, CTS        SmartEdit's Reason-Edit, against the INPUT;
+                    (against the input)           VIEScore judged afterwards (InsightEdit's
+                                                  table; :data:`REASON_EDIT_NOTES`)
 synthetic           L1, L1_edit, SSIM             exact ground truth, backbone-free
 ==================  ============================  ==============================================
 
@@ -301,6 +304,31 @@ _JUDGED = (
     "the edit against its input (how much changed, not a benchmark score)"
 )
 
+#: Reason-Edit's scenarios (SmartEdit, Huang et al., CVPR 2024; datamodules/reason_edit.py) ->
+#: protocol name: the dataset names of InsightEdit's Reason-Edit comparison.
+REASON_EDIT_PROTOCOLS = {
+    "understanding": "reason-edit-understanding",
+    "reasoning": "reason-edit-reasoning",
+}
+REASON_EDIT_COLUMNS = ("PSNR", "SSIM", "LPIPS", "CTS")
+#: What SmartEdit's released evaluation computes on Reason-Edit, and how the suite's differs.
+REASON_EDIT_NOTES = (
+    "Columns PSNR, SSIM, LPIPS, CTS: what SmartEdit's released test/metrics_evaluation.py "
+    "computes on Reason-Edit (it also prints MSE), measured differently. The release resizes "
+    "input and edit to 256x256 (bicubic; the *_mask.jpg nearest), multiplies both by the "
+    "background (1 - mask/255) and compares input and edit there: torchmetrics PSNR and SSIM "
+    "(data_range 1), LPIPS squeeze, per image, mean over images; its CLIP score is torchmetrics "
+    "CLIPScore (ViT-L/14, 100 x max(cos, 0)) of the edit cropped to the box of the mask's "
+    "nonzero pixels against the line's 'CLIP: ' text. The suite compares the edit with the "
+    "input on the whole image at the input's size (reference: source), so the edit region "
+    "counts too, and CTS is the cosine of the whole edit and that text (x 100 in the table, no "
+    "clamp at 0); CLIP ViT-L/14 and LPIPS squeeze as the release. As released, the script's "
+    "folder walk never scores 6-Reasoning (it collects folders ending in 'Reasoning-231115' "
+    "and scores those ending in '6-Reasoning'). InsightEdit's Reason-Edit comparison reports "
+    "VIEScore only (0-1): judged afterwards (python -m editbench judge --bundle DIR), "
+    "VIEScore_O x 0.1 as that table prints it."
+)
+
 BENCHMARK_PROTOCOLS = (
     Protocol(
         "emu-edit",
@@ -330,6 +358,21 @@ BENCHMARK_PROTOCOLS = (
         scale={},
         reference="source",
         judge="imgedit",
+    ),
+    *(
+        Protocol(
+            name,
+            REASON_EDIT_COLUMNS,
+            source=f"SmartEdit's Reason-Edit ({scenarios} scenarios; TencentARC/SmartEdit "
+            "test/metrics_evaluation.py) against the input, VIEScore judged afterwards "
+            "(InsightEdit's Reason-Edit table); metrics.protocols.REASON_EDIT_NOTES",
+            scale=dict(ADVANCEDEDIT_SCALE),
+            backbones=dict(ADVANCEDEDIT_BACKBONES),
+            metric_kwargs={k: dict(v) for k, v in ADVANCEDEDIT_METRIC_KWARGS.items()},
+            reference="source",
+            judge="viescore",
+        )
+        for scenarios, name in REASON_EDIT_PROTOCOLS.items()
     ),
 )
 

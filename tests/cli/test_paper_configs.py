@@ -30,9 +30,17 @@ EVAL = {
     "emu_edit": "datamodules.emu_edit.EmuEditDataModule",
     "gedit": "datamodules.gedit.GEditBenchDataModule",
     "imgedit": "datamodules.imgedit.ImgEditBenchDataModule",
+    "reason_edit": "datamodules.reason_edit.ReasonEditDataModule",
 }
-#: The protocol each eval diff sets (None: the DataModule's, GEdit's follows its language).
-EVAL_PROTOCOL = {name: name for name in EVAL} | {"emu_edit": "emu-edit", "gedit": None}
+#: The protocol each eval diff sets (None: the DataModule's, GEdit's follows its language,
+#: Reason-Edit's its scenarios).
+EVAL_PROTOCOL = {name: name for name in EVAL} | {
+    "emu_edit": "emu-edit",
+    "gedit": None,
+    "reason_edit": None,
+}
+#: The model input side of an eval diff where it is not 512 (SmartEdit edits Reason-Edit at 256).
+EVAL_RESOLUTION = {"reason_edit": 256}
 TINY_MODELS = ["inspix2pix.yaml", "mgie_e2e.yaml", "lgie_e2e.yaml"]
 
 
@@ -329,7 +337,7 @@ def test_eval_diff_scores_any_model_config(config, dataset, capsys):
     shown = printed(capsys, "test", *args)
     data, model = shown["data"], shown["model"]
     assert data["class_path"] == EVAL[dataset]
-    assert data["init_args"]["resolution"] == 512
+    assert data["init_args"]["resolution"] == EVAL_RESOLUTION.get(dataset, 512)
     assert data["init_args"]["expressive_path"] is None
     assert model["init_args"]["protocol"] == EVAL_PROTOCOL[dataset]
     assert shown["global_batch_size"] is None
