@@ -3,7 +3,9 @@
 Subclasses build their networks in ``configure_model`` and implement ``training_losses`` and
 ``edit``; this base turns those into Lightning's training, validation, test and predict steps,
 logs every loss term, evaluates the metric collection beside the copy-the-input baseline,
-writes ``test_metrics.json`` and keeps only trainable weights in checkpoints.
+writes ``test_metrics.json`` and keeps only trainable weights in checkpoints. The evaluation
+hooks live in :mod:`models.base_evaluation`, the checkpoint and EMA hooks in
+:mod:`models.base_checkpointing` (mixins of :class:`EditModel`).
 """
 
 from __future__ import annotations
@@ -11,52 +13,25 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import warnings
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MetricCollection
 
-from metrics import edit_metrics, update_edit_metrics
-from metrics.bundle import (
-    IMAGE_LIMIT,
-    SOURCES,
-    TARGETS,
-    input_rows,
-    save_images,
-    write_bundle,
-    write_inputs,
-)
-from metrics.distributed import is_distributed
 from metrics.evaluation import EditEvaluator
-from metrics.protocols import Protocol, get_protocol
-from metrics.results import results_document, write_results
-from models.checkpoint import (
-    EMA_KEY,
-    CheckpointMismatchError,
-    EditCheckpoint,
-    ema_weights,
-    read_checkpoint,
-)
+from models.base_checkpointing import CheckpointingMixin
+from models.base_evaluation import EvaluationMixin, sample_generators
+from models.checkpoint import CheckpointMismatchError
 from models.diffusion import training_seeds
 from models.ema import TrainableEMA
-from models.optim import (
-    build_lr_scheduler,
-    build_optimizer,
-    check_schedule_name,
-    optimizer_config,
-)
+from models.optim import build_lr_scheduler, build_optimizer, check_schedule_name
 
-# Test results are torchmetrics values, already synced across processes by compute(); Lightning
-# would recommend sync_dist for every one of them.
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('test/")
+#: Names other modules import from here (sample_generators and CheckpointMismatchError are
+#: defined in models.base_evaluation and models.checkpoint).
+__all__ = ["CheckpointMismatchError", "EditModel", "EditOutput", "sample_generators"]
 
 
 @dataclass
@@ -70,13 +45,7 @@ class EditOutput:
     caption: list[str] | None = None
 
 
-def sample_generators(ids: Sequence[str], seed: int) -> list[torch.Generator]:
-    """One CPU generator per sample, seeded from its id: an evaluation draws the same noise for
-    a sample whatever its batch, its position in it or the number of processes."""
-    return [torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(i.encode())) for i in ids]
-
-
-class EditModel(L.LightningModule):
+class EditModel(EvaluationMixin, CheckpointingMixin, L.LightningModule):
     """Base LightningModule of the editing models.
 
     Args:
@@ -359,298 +328,3 @@ class EditModel(L.LightningModule):
             warmup = math.ceil(total * self.warmup_ratio)
         self.resolved_warmup_steps = warmup
         return warmup
-
-    # ----------------------------------------------------------------- evaluation
-    def _eval_kwargs(self, ids: Sequence[str], steps: int | None = None) -> dict:
-        return {
-            "num_inference_steps": steps or self.num_inference_steps,
-            "guidance_scale": self.guidance_scale,
-            "image_guidance_scale": self.image_guidance_scale,
-            "generator": sample_generators(ids, self.eval_seed),
-        }
-
-    def _val_metrics_for(self, batch: dict) -> MetricCollection:
-        names = self.val_metric_names
-        if names is None:
-            names = ["L1", "L1_edit", "SSIM"] if "mask" in batch else ["L1", "SSIM"]
-        return edit_metrics(names).to(self.device)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        bs = len(batch["id"])
-        generator = torch.Generator(device="cpu").manual_seed(self.eval_seed + batch_idx)
-        with torch.no_grad():
-            losses = self.training_losses(batch, generator=generator)
-        for name, value in losses.items():
-            key = "val/loss" if name == "loss" else f"val/{name}"
-            self.log(key, value, prog_bar=name == "loss", batch_size=bs, sync_dist=True)
-        if self.val_num_inference_steps > 0 and "target" in batch:
-            if self.val_metrics is None:
-                self.val_metrics = self._val_metrics_for(batch)
-            out = self.edit(
-                batch["source"],
-                batch["instruction"],
-                **self._eval_kwargs(batch["id"], self.val_num_inference_steps),
-            )
-            update_edit_metrics(self.val_metrics, out.images, batch["target"], batch.get("mask"))
-
-    def on_validation_epoch_end(self) -> None:
-        if self.val_metrics is not None:
-            values = self.val_metrics.compute()
-            self.log_dict({f"val/{k}": v for k, v in values.items()})
-            self.val_metrics.reset()
-
-    def evaluation_protocol(self) -> Protocol:
-        """The protocol of the test data: ``protocol`` if set, else the DataModule's."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
-        name = self.protocol_name or getattr(datamodule, "protocol", None) or "generic"
-        protocol = get_protocol(name).for_data(datamodule)
-        return protocol.with_aggregation(self.aggregation) if self.aggregation else protocol
-
-    def build_evaluator(self) -> EditEvaluator:
-        """The test evaluator: the protocol's columns (or ``metrics``) plus ``extra_metrics``."""
-        protocol = self.evaluation_protocol()
-        names = list(self.metric_names or protocol.columns)
-        names += [n for n in self.extra_metrics if n not in names]
-        evaluator = EditEvaluator(
-            protocol,
-            names,
-            metric_kwargs=self.metric_kwargs,
-            backbones=self.backbones,
-            copy_baseline=self.copy_baseline,
-        )
-        return evaluator.to(self.device)
-
-    def on_test_epoch_start(self) -> None:
-        evaluator = self._evaluators["test"] = self.build_evaluator()
-        evaluator.record_samples()
-        # trainer.log_dir is a collective (a broadcast): read it here, on every process.
-        self._bundle_dir = self.trainer.log_dir
-        choice = os.environ.get("EDITBENCH_BUNDLE_IMAGES", "").strip()
-        images = self.bundle_images if not choice else choice.lower() not in ("0", "false", "no")
-        if images is None:
-            loaders = self.trainer.test_dataloaders
-            loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
-            try:
-                size = len(loader.dataset)
-            except (AttributeError, TypeError):
-                size = 0
-            images = 0 < size <= IMAGE_LIMIT
-        self._bundle_save_images = bool(images) and self._bundle_dir is not None
-        self._bundle_inputs = []
-
-    def test_step(self, batch: dict, batch_idx: int) -> dict:
-        if "target" not in batch and self._evaluators["test"].protocol.reference != "source":
-            raise ValueError(
-                "the test split has no target images and its protocol scores against targets; "
-                "use `predict` to only edit, or a protocol with reference 'source'"
-            )
-        out = self.edit(batch["source"], batch["instruction"], **self._eval_kwargs(batch["id"]))
-        self._evaluators["test"].update(batch, out.images)
-        if self._bundle_save_images:
-            ids = list(batch["id"])
-            save_images(self._bundle_dir, ids, out.images)
-            save_images(self._bundle_dir, ids, batch["source"], SOURCES)
-            if "target" in batch:
-                save_images(self._bundle_dir, ids, batch["target"], TARGETS)
-            self._bundle_inputs += input_rows(batch, self._evaluators["test"].protocol.name)
-        return {"id": list(batch["id"]), "images": out.images, "expressive": out.expressive}
-
-    def on_test_epoch_end(self) -> None:
-        evaluator = self._evaluators.pop("test", None)
-        if evaluator is None:
-            return
-        # Every process takes part in every collective here (the metrics' sync with the sample
-        # counts, the log dir's broadcast), in the same order. The results document needs
-        # none (the counts are those of compute()) and hashes backbone weights, so only rank 0
-        # builds, prints and writes it.
-        results = evaluator.compute() | self.extra_test_results()
-        self.log_dict({k: v for k, v in results.items() if math.isfinite(v)}, sync_dist=False)
-        run = self._run_record()
-        rows = evaluator.samples()  # a collective: every rank's per-sample rows, deduplicated
-        inputs = self._gathered_inputs() if self._bundle_save_images else []
-        if self.trainer.is_global_zero:
-            document = results_document(
-                evaluator,
-                results,
-                model=self,
-                datamodule=getattr(self.trainer, "datamodule", None),
-                run=run,
-            )
-            self._report(document, run["log_dir"])
-            if run["log_dir"] is not None:
-                if inputs:
-                    write_inputs(run["log_dir"], inputs)
-                recorded = evaluator.sample_reductions()
-                others = [n for n in evaluator.names if n not in recorded]
-                write_bundle(run["log_dir"], rows, recorded, others)
-
-    def _gathered_inputs(self) -> list[dict]:
-        """Every process's bundle input rows (a collective under DDP: one
-        ``all_gather_object``, reached on every rank since all save images or none)."""
-        if not is_distributed():
-            return list(self._bundle_inputs)
-        gathered: list = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, self._bundle_inputs)
-        return [row for rows in gathered for row in rows or []]
-
-    def extra_test_results(self) -> dict[str, float]:
-        """Model-specific test results (``test/<name>``) added to the metrics, e.g. MGIE's
-        expressive-instruction accuracy; computed on every process (they may sync)."""
-        return {}
-
-    def _run_record(self) -> dict:
-        trainer = self.trainer
-        logger = trainer.logger
-        return {
-            "name": getattr(logger, "name", None) if logger is not None else None,
-            "version": getattr(logger, "version", None) if logger is not None else None,
-            "log_dir": trainer.log_dir,
-            "ckpt_path": trainer.ckpt_path,
-            "seed": self.eval_seed,
-            "sampler": self.sampler_record(),
-            "precision": str(trainer.precision),
-            "world_size": trainer.world_size,
-            "ema_weights": self.uses_ema_weights,
-        }
-
-    def sampler_record(self) -> dict:
-        """How ``test`` sampled, for the results document's ``run.sampler``; models with other
-        samplers (a wrapped pipeline) override it."""
-        scheduler = getattr(getattr(self, "diffusion", None), "scheduler", None)
-        return {
-            "scheduler": type(scheduler).__name__ if scheduler is not None else None,
-            "num_inference_steps": self.num_inference_steps,
-            "guidance_scale": self.guidance_scale,
-            "image_guidance_scale": self.image_guidance_scale,
-        }
-
-    def _report(self, document: dict, log_dir: str | None) -> None:
-        results = document["metrics"]
-        names = sorted({k[len("test/"):] for k in results if not k.startswith("test/copy/")})
-        width = max(len(n) for n in names) + 2
-        lines = [f"{'metric':<{width}}{'model':>10}{'copy input':>12}"]
-        for n in names:
-            lines.append(
-                f"{n:<{width}}{results.get(f'test/{n}', float('nan')):>10.4f}"
-                f"{results.get(f'test/copy/{n}', float('nan')):>12.4f}"
-            )
-        protocol = document["protocol"]
-        lines.append(
-            f"protocol {protocol['name']} ({protocol['aggregation']}), "
-            f"{protocol['num_samples']} samples"
-        )
-        print("\n".join(lines), flush=True)
-        if log_dir is not None:
-            path = write_results(Path(log_dir) / "test_metrics.json", document)
-            rank_zero_info(f"wrote {path}")
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        out = self.edit(batch["source"], batch["instruction"], **self._eval_kwargs(batch["id"]))
-        return {
-            "id": list(batch["id"]),
-            "instruction": list(batch["instruction"]),
-            "expressive": out.expressive,
-            "images": out.images.float().clamp(-1, 1).cpu(),
-        }
-
-    # ----------------------------------------------------------------- checkpoints
-    def on_fit_start(self) -> None:
-        if self.init_from is not None and self.trainer.ckpt_path is None:
-            self.load_initial_weights(self.init_from)
-
-    def on_train_start(self) -> None:
-        """Start the EMA (``ema_decay``) once the weights are final: initialised, or restored on
-        resume (which some strategies do after ``on_fit_start``), when it continues from the
-        checkpoint's state."""
-        self._training_seed = None  # read this run's seed
-        resume, self._ema_resume_state = self._ema_resume_state, None
-        self._ema = None
-        if self.ema_decay is None:
-            if resume is not None:
-                rank_zero_warn("the checkpoint holds an EMA, but ema_decay is null: none is kept")
-            return
-        named = [
-            (name, param)
-            for name, param in self.named_parameters()
-            if param.requires_grad and not self._is_frozen_key(name)
-        ]
-        self._ema = TrainableEMA(named, self.ema_decay)
-        if resume is not None:
-            self._ema.load_state_dict(resume, source=self.trainer.ckpt_path or "checkpoint")
-            rank_zero_info(
-                f"EMA resumed at update {self._ema.optimization_step} (decay {self.ema_decay})"
-            )
-        else:
-            rank_zero_info(
-                f"EMA of {len(named)} trainable tensors ({self._ema.num_values:,} values), "
-                f"decay {self.ema_decay}"
-            )
-
-    def load_initial_weights(self, path: str | Path) -> None:
-        """Load the trainable weights of checkpoint ``path`` (strictly: every trainable weight
-        must be there, nothing unknown may be); its EMA weights when it has them and
-        ``prefer_ema_weights``."""
-        checkpoint = read_checkpoint(path, what="init_from checkpoint")
-        use_ema = self.prefer_ema_weights and checkpoint.has_ema
-        state = {"state_dict": checkpoint.weights(ema=use_ema)}
-        self.on_load_checkpoint(state)
-        self.load_state_dict(state["state_dict"], strict=True)
-        kind = " (its EMA weights)" if use_ema else ""
-        rank_zero_info(f"initialised {type(self).__name__} from {path}{kind}")
-
-    def load_weights_from(self, checkpoint: EditCheckpoint) -> None:
-        """Load a checkpoint read by :func:`models.checkpoint.read_checkpoint` for use outside
-        the Trainer (``edit``, ``sweep``): its EMA weights when it has them and
-        ``prefer_ema_weights`` (``uses_ema_weights`` says which)."""
-        state = {"state_dict": dict(checkpoint.state_dict)}
-        if checkpoint.ema is not None:
-            state[EMA_KEY] = checkpoint.ema
-        self.on_load_checkpoint(state)
-        self.load_state_dict(state["state_dict"], strict=True)
-
-    def _is_frozen_key(self, key: str) -> bool:
-        return any(key == m or key.startswith(m + ".") for m in self.frozen_modules)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep trainable weights only: frozen pretrained weights are re-read from their paths.
-        The EMA, if kept, is saved beside them (:data:`models.checkpoint.EMA_KEY`)."""
-        state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {k: v for k, v in state.items() if not self._is_frozen_key(k)}
-        if self._ema is not None:
-            checkpoint[EMA_KEY] = self._ema.state_dict()
-        hparams = checkpoint.get("hyper_parameters")
-        if hparams is not None and hparams.get("optimizer") is not None:
-            checkpoint["hyper_parameters"] = dict(
-                hparams, optimizer=optimizer_config(hparams["optimizer"])
-            )
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Complete a trainable-only checkpoint with the frozen weights already loaded from their
-        paths, so loading stays strict: a missing trainable or an unknown weight is an error.
-
-        A checkpoint's EMA: resuming ``fit`` loads the raw weights and hands the EMA state to
-        :meth:`on_train_start`; every other load (``test``, ``predict``, ``validate``,
-        ``edit``) loads the EMA weights instead of the raw ones when ``prefer_ema_weights``.
-        """
-        ema = checkpoint.get(EMA_KEY)
-        trainer = self._trainer
-        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
-            self._ema_resume_state = ema
-            self.uses_ema_weights = False
-        else:
-            self.uses_ema_weights = ema is not None and self.prefer_ema_weights
-            if self.uses_ema_weights:
-                source = getattr(trainer, "ckpt_path", None) or "checkpoint"
-                checkpoint["state_dict"] = ema_weights(checkpoint["state_dict"], ema, source)
-        current = self.state_dict()
-        expected = {k for k in current if not self._is_frozen_key(k)}
-        missing = sorted(expected - set(checkpoint["state_dict"]))
-        if missing:
-            shown = ", ".join(missing[:5])
-            raise CheckpointMismatchError(
-                f"checkpoint lacks {len(missing)} trainable weights of {type(self).__name__} "
-                f"(e.g. {shown}); was it written by another model or configuration?"
-            )
-        for key, value in current.items():
-            if self._is_frozen_key(key):
-                checkpoint["state_dict"].setdefault(key, value)

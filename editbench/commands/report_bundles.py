@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from editbench.commands.report_protocol import metric_scale
 from metrics.bundle import Bundle, BundleError, mismatches, read_bundle, recompute
 from metrics.uncertainty import (
     DEFAULT_RESAMPLES,
@@ -190,8 +191,6 @@ def sample_interval(
 
 def attach_intervals(report: Any, check: BundleCheck, *, resamples: int, seed: int) -> None:
     """Set ``cell.interval`` (and ``cell.interval_method``) on the run and copy rows."""
-    from editbench.commands.report import metric_scale
-
     for row in report.rows:
         if row.kind not in ("run", "copy"):
             continue
@@ -259,8 +258,6 @@ def compare_rows(
 ) -> list[ComparisonRow]:
     """Paired comparison of rows ``a`` and ``b`` in every column both have (see the module
     docstring); an unknown row label or no shared samples is ``error``."""
-    from editbench.commands.report import metric_scale
-
     labels = [r.label for r in report.rows if r.kind == "run"]
     unknown = [x for x in (a, b) if x not in labels]
     if unknown:
