@@ -27,13 +27,24 @@ jpg; 1 = edit region), ``instruction``, ``goal_caption`` = the CLIP text and ``c
 the scenario folder (``1-Left-Right``, ...). ``scenarios`` picks the five understanding folders
 (protocol ``reason-edit-understanding``) or ``6-Reasoning`` (``reason-edit-reasoning``), the
 two columns of InsightEdit's Reason-Edit comparison (``report --published
-insightedit-reason-edit``). The protocols (metrics/protocols.py, ``REASON_EDIT_NOTES``) say how
-the suite's scores differ from the release's.
+insightedit-reason-edit``). The protocols score the release's own rule (metrics/protocols.py
+``REASON_EDIT_NOTES``, metrics/masked_release.py).
 
 Errors name the file and line (an instruction line without ``CLIP: ``, an empty instruction or
 CLIP text, fewer lines than images) or the folder (a missing scenario folder or instruction
 file, several folders for one scenario, no images, images and masks that do not pair up).
 Lines after the last image are ignored as the release ignores them (a warning names them).
+Scoring frame (``metrics_size``, default 256 = the release's ``metrics_size``): evaluation
+samples carry the images the release's ``metrics_evaluation.py`` compares, read with PIL as it
+reads them: ``source_native`` = the input ``convert("RGB")`` resized to 256x256 with
+``Image.Resampling.BICUBIC``, ``mask_grey_native`` = the ``*_mask.jpg`` ``convert("L")``
+resized with NEAREST (uint8 grey levels 0-255, JPEG edges kept: the release weighs the
+background by ``1 - mask/255`` and boxes the mask's nonzero pixels) and ``mask_native`` = its
+``>= 128`` (the suite's binary mask). The evaluator's native scoring then resizes the model's
+8-bit edit straight to 256 with PIL bicubic, as the release reads the edit PNG, and the metrics
+of metrics/masked_release.py score them. ``metrics_size=None`` keeps the native sizes (the
+metrics then resize to 256 themselves, after the edit's resize to the native size). The model
+input is the whole image squashed (``eval_resize="resize"``, the release's ``is_resize``).
 ``prediction_path`` writes a ``predict`` run in the release's output layout
 (``<Scenario>_metrics_<k>/<NNNN>.png``, numbered from 1 in the sorted order of the inputs),
 which ``metrics_evaluation.py`` reads back in sorted order.
@@ -47,9 +58,13 @@ import os
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+import numpy as np
+import torch
+from PIL import Image
+
 from metrics.protocols import REASON_EDIT_PROTOCOLS
 
-from .base import EditDataModule
+from .base import BadSampleError, EditDataModule, EditDataset, SkippedSample
 from .hf_table import check_unique
 
 log = logging.getLogger(__name__)
@@ -193,6 +208,62 @@ def scenario_records(folder: Path, name: str) -> list[dict]:
     ]
 
 
+#: The release's ``metrics_size``: input, edit and mask are compared at 256x256.
+METRICS_SIZE = 256
+#: The batch key of the release's grey mask (read by metrics/masked_release.py).
+MASK_GREY_KEY = "mask_grey_native"
+
+
+def read_pil(path: str, mode: str, size: int | None = None, resample=None) -> torch.Tensor:
+    """``Image.open(path).convert(mode)``, resized to ``size`` x ``size`` with ``resample`` when
+    given, as uint8 ``[C, H, W]`` (the release reads and resizes its images this way)."""
+    with Image.open(path) as opened:
+        image = opened.convert(mode)
+    if size is not None:
+        image = image.resize((size, size), resample=resample)
+    array = np.asarray(image)
+    return torch.from_numpy(array.reshape(*array.shape[:2], -1).copy()).permute(2, 0, 1)
+
+
+class ReasonEditDataset(EditDataset):
+    """Evaluation samples in the release's scoring frame (module docstring): ``source_native``
+    and ``mask_native`` replaced by the PIL-read input and mask at ``metrics_size`` (None: native
+    size), ``mask_grey_native`` added."""
+
+    def __init__(self, *args, metrics_size: int | None = METRICS_SIZE, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.metrics_size = metrics_size
+
+    def __getitem__(self, index: int):
+        sample = super().__getitem__(index)
+        if isinstance(sample, SkippedSample) or not self.native:
+            return sample
+        record, size = self.records[index], self.metrics_size
+        try:
+            grey = read_pil(record["mask"], "L", size, Image.Resampling.NEAREST)
+            if size is not None:
+                sample["source_native"] = read_pil(
+                    record["source"], "RGB", size, Image.Resampling.BICUBIC
+                )
+        except OSError as err:
+            message = f"cannot read Reason-Edit sample {record['id']!r} with PIL: {err}"
+            if self.on_bad_sample == "skip":
+                return SkippedSample(str(record["id"]), message)
+            raise BadSampleError(message) from err
+        height, width = sample["source_native"].shape[-2:]
+        if tuple(grey.shape[-2:]) != (height, width):  # native size: as align_to_source
+            grey = torch.from_numpy(
+                np.asarray(
+                    Image.fromarray(grey[0].numpy()).resize(
+                        (width, height), Image.Resampling.NEAREST
+                    )
+                ).copy()
+            )[None]
+        sample[MASK_GREY_KEY] = grey
+        sample["mask_native"] = (grey >= 128).to(torch.uint8)
+        return sample
+
+
 class ReasonEditDataModule(EditDataModule):
     """Reason-Edit (see the module docstring) as the "test" split.
 
@@ -201,8 +272,13 @@ class ReasonEditDataModule(EditDataModule):
         resolution: side of the square model input (the release edits and scores at 256).
         scenarios: "understanding" (the five understanding folders) or "reasoning"
             (``6-Reasoning``); the protocol follows (``reason-edit-<scenarios>``).
+        metrics_size: the release's scoring frame (256): evaluation samples carry the input
+            and masks read and resized as ``metrics_evaluation.py`` does; None keeps native
+            sizes. Needs ``eval_resize="resize"``.
         **kwargs: the shared :class:`EditDataModule` fields.
     """
+
+    dataset_class = ReasonEditDataset
 
     def __init__(
         self,
@@ -210,14 +286,24 @@ class ReasonEditDataModule(EditDataModule):
         resolution: int = 256,
         scenarios: Literal["understanding", "reasoning"] = "understanding",
         random_flip: float = 0.0,
+        metrics_size: int | None = METRICS_SIZE,
         **kwargs,
     ) -> None:
         if scenarios not in KINDS:
             raise ValueError(f"scenarios must be one of {KINDS}, got {scenarios!r}")
         super().__init__(root=root, resolution=resolution, random_flip=random_flip, **kwargs)
+        if self.eval_resize != "resize":
+            raise ValueError(
+                f"Reason-Edit is scored on whole images (the release squashes them to 256), so "
+                f"eval_resize must be 'resize', got {self.eval_resize!r}"
+            )
+        self.metrics_size = metrics_size
         self.scenarios = scenarios
         self.protocol = REASON_EDIT_PROTOCOLS[scenarios]
         self._names: dict[str, str] | None = None
+
+    def dataset_kwargs(self, split: str) -> dict:
+        return {"metrics_size": self.metrics_size}
 
     def scenario_names(self) -> list[str]:
         return [name for name, s in SCENARIOS.items() if s.kind == self.scenarios]

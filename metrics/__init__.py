@@ -17,6 +17,7 @@ from metrics.collection import (
 from metrics.features import CTS, CVS, DINO, CLIPDirectionalSimilarity, CLIPImageSimilarity
 from metrics.fid import FID, KID
 from metrics.judge.metric import VIEScore
+from metrics.masked_release import CLIPScoreBox  # noqa: F401  registers PSNR_bg ... CLIPScore_box
 from metrics.perceptual import LPIPS
 from metrics.pixel import L1, SSIM, MaskedL1, prepare_pair, to_unit_range
 
@@ -38,9 +39,13 @@ register_metric(
 register_metric("FID", FID, backbone=("inception", "weights_path"))
 register_metric("KID", KID, backbone=("inception", "weights_path"))
 # VIEScore reports SC, PQ, O and the failure count (test/VIEScore_SC, ...); a paid judge is not
-# asked about the copy baseline.
+# asked about the copy baseline, and `test` leaves it to the offline judge of its bundle.
 register_metric(
-    "VIEScore", VIEScore, inputs=("source", "preds", "instruction"), copy_baseline=False
+    "VIEScore",
+    VIEScore,
+    inputs=("source", "preds", "instruction"),
+    copy_baseline=False,
+    judged_offline=True,
 )
 
 __all__ = [

@@ -34,6 +34,11 @@ METRIC_BACKBONES: dict[str, tuple[str, str]] = {}
 #: Metrics without a copy-the-input baseline (an API judge would be paid twice for it).
 NO_COPY_BASELINE: set[str] = set()
 
+#: Judge metrics that ``test`` leaves to the offline judge of its result bundle (``python -m
+#: editbench judge --bundle DIR``): no GPU waits on HTTP inside ``test_step``, and one judge
+#: pass serves every aggregation. Evaluation during training still runs them in process.
+JUDGED_OFFLINE: set[str] = set()
+
 
 def register_metric(
     name: str,
@@ -43,6 +48,7 @@ def register_metric(
     inputs: tuple[str, ...] | None = None,
     backbone: tuple[str, str] | None = None,
     copy_baseline: bool = True,
+    judged_offline: bool = False,
 ) -> Any:
     """Register a ``Metric`` class under ``name`` (usable as a decorator: ``@register_metric("X")``).
 
@@ -54,6 +60,7 @@ def register_metric(
         backbone: ``(kind, argument)``: the constructor argument filled from the evaluator's
             ``backbones[kind]`` (e.g. ``("clip", "clip_path")``).
         copy_baseline: whether the copy-the-input baseline is also scored with this metric.
+        judged_offline: a judge that ``test`` leaves to ``editbench judge`` (:data:`JUDGED_OFFLINE`).
     """
 
     def _register(metric_cls: type[Metric]) -> type[Metric]:
@@ -73,6 +80,8 @@ def register_metric(
             METRIC_BACKBONES[name] = tuple(backbone)
         if not copy_baseline:
             NO_COPY_BASELINE.add(name)
+        if judged_offline:
+            JUDGED_OFFLINE.add(name)
         return metric_cls
 
     if cls is None:
@@ -187,6 +196,7 @@ __all__: list[str] = [
     "METRICS",
     "METRIC_BACKBONES",
     "METRIC_INPUTS",
+    "JUDGED_OFFLINE",
     "NO_COPY_BASELINE",
     "check_metric_names",
     "metric_inputs",

@@ -17,9 +17,11 @@ emu-edit            CLIP_direction, CVS, CTS,     Emu Edit test set, against the
                     L1, DINO                      (``reference: source``; no targets)
 gedit-*, imgedit    L1 (against the input)        judge-scored afterwards (``judge``);
                                                   docs/benchmarks.md
-reason-edit-*       PSNR, SSIM, LPIPS, CTS        SmartEdit's Reason-Edit, against the INPUT;
-                    (against the input)           VIEScore judged afterwards (InsightEdit's
-                                                  table; :data:`REASON_EDIT_NOTES`)
+reason-edit-*       PSNR_bg, SSIM_bg, LPIPS_bg,   SmartEdit's Reason-Edit by its release's
+                    MSE_bg, CLIPScore_box         rule (background vs the input, CLIP of the
+                                                  mask's box); VIEScore judged afterwards
+                                                  (InsightEdit's table;
+                                                  :data:`REASON_EDIT_NOTES`)
 synthetic           L1, L1_edit, SSIM             exact ground truth, backbone-free
 ==================  ============================  ==============================================
 
@@ -28,11 +30,13 @@ Scaling (:data:`PAPER_SCALE`): MGIE prints DINO, CVS and SSIM as percentages and
 Raw values stay in ``test_metrics.json``'s ``metrics``; the scaled ones form its ``table``.
 FID, KID and VIEScore are added on demand (``model.init_args.extra_metrics``).
 
-``advancededit`` scores VIEScore, which asks an MLLM judge (``metric_kwargs.VIEScore``: an
-OpenAI-compatible endpoint and key, or a local LLaVA folder); a judge-free run names its metrics
-(``metrics: [CTS, PSNR, SSIM, LPIPS]``) and may be judged afterwards from its result bundle
-(``python -m editbench judge --bundle DIR``, :mod:`metrics.judge.offline`). Its published rows:
-:data:`metrics.published.INSIGHTEDIT_TABLES`.
+``advancededit`` lists VIEScore, which asks an MLLM judge: ``test`` scores the other columns and
+writes the result bundle, and VIEScore is judged afterwards from the bundle's images (``python
+-m editbench judge --bundle DIR``, :mod:`metrics.judge.offline`; no GPU waits on HTTP, one judge
+pass serves every aggregation); the report sets the judged columns beside the others. The
+in-process :class:`~metrics.judge.metric.VIEScore` (``metric_kwargs.VIEScore``: an
+OpenAI-compatible endpoint and key, or a local LLaVA folder) serves evaluation during training.
+Its published rows: :data:`metrics.published.INSIGHTEDIT_TABLES`.
 
 Backbones (:attr:`Protocol.backbones`, folder names under ``$EDITBENCH_BACKBONES``): MagicBrush's
 ``evaluation/image_eval.py`` uses CLIP ViT-B/32 (CLIP-I, CLIP-T) and ``dino_vits16``; MGIE
@@ -310,23 +314,42 @@ REASON_EDIT_PROTOCOLS = {
     "understanding": "reason-edit-understanding",
     "reasoning": "reason-edit-reasoning",
 }
-REASON_EDIT_COLUMNS = ("PSNR", "SSIM", "LPIPS", "CTS")
-#: What SmartEdit's released evaluation computes on Reason-Edit, and how the suite's differs.
+#: SmartEdit's released test/metrics_evaluation.py, as metrics/masked_release.py computes it, in
+#: the order of SmartEdit's Reason-Edit table (PSNR, SSIM, LPIPS, CLIP Score; the script also
+#: prints MSE).
+REASON_EDIT_COLUMNS = ("PSNR_bg", "SSIM_bg", "LPIPS_bg", "MSE_bg", "CLIPScore_box")
+#: LPIPS on SqueezeNet as the release (LPIPS_bg's default too; LPIPS for a user's whole-image one).
+REASON_EDIT_METRIC_KWARGS: dict[str, dict[str, Any]] = {
+    "LPIPS": {"net": "squeeze"},
+    "LPIPS_bg": {"net": "squeeze"},
+}
+#: What SmartEdit's released evaluation computes on Reason-Edit, and how the suite follows it.
 REASON_EDIT_NOTES = (
-    "Columns PSNR, SSIM, LPIPS, CTS: what SmartEdit's released test/metrics_evaluation.py "
-    "computes on Reason-Edit (it also prints MSE), measured differently. The release resizes "
-    "input and edit to 256x256 (bicubic; the *_mask.jpg nearest), multiplies both by the "
-    "background (1 - mask/255) and compares input and edit there: torchmetrics PSNR and SSIM "
-    "(data_range 1), LPIPS squeeze, per image, mean over images; its CLIP score is torchmetrics "
-    "CLIPScore (ViT-L/14, 100 x max(cos, 0)) of the edit cropped to the box of the mask's "
-    "nonzero pixels against the line's 'CLIP: ' text. The suite compares the edit with the "
-    "input on the whole image at the input's size (reference: source), so the edit region "
-    "counts too, and CTS is the cosine of the whole edit and that text (x 100 in the table, no "
-    "clamp at 0); CLIP ViT-L/14 and LPIPS squeeze as the release. As released, the script's "
-    "folder walk never scores 6-Reasoning (it collects folders ending in 'Reasoning-231115' "
-    "and scores those ending in '6-Reasoning'). InsightEdit's Reason-Edit comparison reports "
-    "VIEScore only (0-1): judged afterwards (python -m editbench judge --bundle DIR), "
-    "VIEScore_O x 0.1 as that table prints it."
+    "Columns PSNR_bg, SSIM_bg, LPIPS_bg, MSE_bg, CLIPScore_box: SmartEdit's released "
+    "test/metrics_evaluation.py (TencentARC/SmartEdit a65f126), per image then the mean over "
+    "images (metrics/masked_release.py). The release reads input and edit PNGs with PIL "
+    "(convert('RGB')) and the *_mask.jpg with convert('L'), resizes input and edit to 256x256 "
+    "with Image.resize(BICUBIC) (an edit already 256 px stays as it is) and the mask with "
+    "NEAREST, weighs both images on [0,1] by the background w = 1 - mask/255 (soft: JPEG edge "
+    "and noise levels give weights between 0 and 1) and compares input and edit on the whole "
+    "256x256 frame (masked-out pixels are 0 in both): torchmetrics PeakSignalNoiseRatio and "
+    "StructuralSimilarityIndexMeasure (data_range 1, SSIM defaults), MeanSquaredError, and "
+    "LearnedPerceptualImagePatchSimilarity(net_type='squeeze') (normalize False) on 2w x - 1. "
+    "Its CLIP score is torchmetrics CLIPScore (openai/clip-vit-large-patch14, max(100 cos, 0), "
+    "0-100) of the 256 px edit cropped with PIL's crop((left, top, right, bottom)) to the box of "
+    "the resized mask's NONZERO pixels (grey level >= 1; PIL's box excludes the last row and "
+    "column) against the line's 'CLIP: ' text (goal_caption). The suite reads the input and "
+    "mask the same way into the samples (datamodules/reason_edit.py, metrics_size 256: "
+    "source_native, mask_grey_native) and resizes the model's 8-bit edit straight to 256 with "
+    "PIL bicubic; the mask is the grey one, not the suite's >= 128 binary mask: with JPEG masks "
+    "the two differ at the edges (weights off by up to a few levels/255) and, more, in the "
+    "crop box, which JPEG ringing of low nonzero levels widens by up to the 8x8 blocks around "
+    "the mask's border. No copy baseline (reference: source). As released, the script's folder "
+    "walk never scores 6-Reasoning (it collects folders ending in 'Reasoning-231115' and scores "
+    "those ending in '6-Reasoning'), and it prints the understanding totals as the mean over "
+    "all images of the five folders. InsightEdit's Reason-Edit comparison reports VIEScore "
+    "only (0-1): judged afterwards (python -m editbench judge --bundle DIR), VIEScore_O x 0.1 "
+    "as that table prints it."
 )
 
 BENCHMARK_PROTOCOLS = (
@@ -363,12 +386,13 @@ BENCHMARK_PROTOCOLS = (
         Protocol(
             name,
             REASON_EDIT_COLUMNS,
-            source=f"SmartEdit's Reason-Edit ({scenarios} scenarios; TencentARC/SmartEdit "
-            "test/metrics_evaluation.py) against the input, VIEScore judged afterwards "
+            source=f"SmartEdit's Reason-Edit ({scenarios} scenarios) by its release's "
+            "test/metrics_evaluation.py: background-masked PSNR/SSIM/LPIPS/MSE against the "
+            "input and CLIPScore of the mask's box at 256 px; VIEScore judged afterwards "
             "(InsightEdit's Reason-Edit table); metrics.protocols.REASON_EDIT_NOTES",
             scale=dict(ADVANCEDEDIT_SCALE),
             backbones=dict(ADVANCEDEDIT_BACKBONES),
-            metric_kwargs={k: dict(v) for k, v in ADVANCEDEDIT_METRIC_KWARGS.items()},
+            metric_kwargs={k: dict(v) for k, v in REASON_EDIT_METRIC_KWARGS.items()},
             reference="source",
             judge="viescore",
         )
@@ -410,6 +434,7 @@ PROTOCOLS: dict[str, Protocol] = {
             scale=dict(ADVANCEDEDIT_SCALE),
             backbones=dict(ADVANCEDEDIT_BACKBONES),
             metric_kwargs={k: dict(v) for k, v in ADVANCEDEDIT_METRIC_KWARGS.items()},
+            judge="viescore",
         ),
         *BENCHMARK_PROTOCOLS,
         Protocol("synthetic", ("L1", "L1_edit", "SSIM"), source="editbench synthetic data"),

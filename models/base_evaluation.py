@@ -26,6 +26,7 @@ from metrics.bundle import (
     write_bundle,
     write_inputs,
 )
+from metrics.collection import JUDGED_OFFLINE
 from metrics.distributed import is_distributed
 from metrics.evaluation import EditEvaluator
 from metrics.protocols import Protocol, get_protocol
@@ -91,22 +92,37 @@ class EvaluationMixin:
         protocol = get_protocol(name).for_data(datamodule)
         return protocol.with_aggregation(self.aggregation) if self.aggregation else protocol
 
-    def build_evaluator(self) -> EditEvaluator:
-        """The test evaluator: the protocol's columns (or ``metrics``) plus ``extra_metrics``."""
+    def build_evaluator(self, offline_judges: bool = False) -> EditEvaluator:
+        """The evaluator: the protocol's columns (or ``metrics``) plus ``extra_metrics``. With
+        ``offline_judges`` (``test``), judge metrics (:data:`metrics.collection.JUDGED_OFFLINE`,
+        VIEScore) are left out, kept in ``_judged_offline``: ``python -m editbench judge
+        --bundle DIR`` scores them from the result bundle afterwards, so no GPU waits on HTTP
+        inside ``test_step``. Evaluation during training keeps them in process."""
         protocol = self.evaluation_protocol()
         names = list(self.metric_names or protocol.columns)
         names += [n for n in self.extra_metrics if n not in names]
+        kwargs = dict(self.metric_kwargs)
+        if offline_judges:
+            self._judged_offline = [n for n in names if n in JUDGED_OFFLINE]
+            names = [n for n in names if n not in JUDGED_OFFLINE]
+            kwargs = {k: v for k, v in kwargs.items() if k not in self._judged_offline}
+            if not names:
+                raise ValueError(
+                    f"test: {self._judged_offline} are judged offline from the run's result "
+                    "bundle (python -m editbench judge --bundle DIR); name at least one metric "
+                    "that test computes itself (model.init_args.metrics)"
+                )
         evaluator = EditEvaluator(
             protocol,
             names,
-            metric_kwargs=self.metric_kwargs,
+            metric_kwargs=kwargs,
             backbones=self.backbones,
             copy_baseline=self.copy_baseline,
         )
         return evaluator.to(self.device)
 
     def on_test_epoch_start(self) -> None:
-        evaluator = self._evaluators["test"] = self.build_evaluator()
+        evaluator = self._evaluators["test"] = self.build_evaluator(offline_judges=True)
         evaluator.record_samples()
         # trainer.log_dir is a collective (a broadcast): read it here, on every process.
         self._bundle_dir = self.trainer.log_dir
@@ -161,6 +177,9 @@ class EvaluationMixin:
                 datamodule=getattr(self.trainer, "datamodule", None),
                 run=run,
             )
+            judged = list(getattr(self, "_judged_offline", []))
+            if judged:
+                document["protocol"]["judged_offline"] = judged
             self._report(document, run["log_dir"])
             if run["log_dir"] is not None:
                 if inputs:
@@ -168,6 +187,24 @@ class EvaluationMixin:
                 recorded = evaluator.sample_reductions()
                 others = [n for n in evaluator.names if n not in recorded]
                 write_bundle(run["log_dir"], rows, recorded, others)
+            if judged:
+                self._announce_offline_judges(judged, run["log_dir"])
+
+    def _announce_offline_judges(self, judged: list[str], log_dir: str | None) -> None:
+        """Say how to judge this run (``test`` leaves judge metrics to the bundle's judge)."""
+        names = ", ".join(judged)
+        if log_dir is None or not self._bundle_save_images:
+            print(
+                f"{names}: judged offline from a result bundle with images, which this run did "
+                "not write (set model.init_args.bundle_images true and a logger)",
+                flush=True,
+            )
+            return
+        print(
+            f"{names}: judged offline from this run's bundle: python -m editbench judge "
+            f"--bundle {log_dir}",
+            flush=True,
+        )
 
     def _gathered_inputs(self) -> list[dict]:
         """Every process's bundle input rows (a collective under DDP: one

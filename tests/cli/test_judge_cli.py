@@ -167,3 +167,58 @@ def test_judge_local_llava(tested, tiny_dir, tmp_path, capsys):
     assert judged["summary"]["failures"] == len(failures)
     assert judged["judge"]["backend"] == "local"
     read_bundle(folder)
+
+
+@pytest.mark.slow
+def test_test_leaves_viescore_to_the_offline_judge(tiny_dir, tmp_path, monkeypatch, capsys):
+    """A protocol or ``extra_metrics`` naming VIEScore: ``test`` computes the other metrics,
+    writes the bundle and says how to judge it, without building a judge (its endpoint here
+    needs a key that is not set, so building one would fail); the offline judge then adds the
+    VIEScore columns the report shows."""
+    from datamodules.synthetic import generate_synthetic
+
+    monkeypatch.delenv("EDITBENCH_UNSET_KEY", raising=False)
+    root = tmp_path / "synthetic"
+    generate_synthetic(root, num_train=2, num_val=2, num_test=NUM_TEST, resolution=32, seed=0)
+    save = tmp_path / "runs"
+    unreachable = {"VIEScore": {"base_url": "https://judge.invalid/v1",
+                                "api_key_env": "EDITBENCH_UNSET_KEY"}}  # fmt: skip
+    args = [
+        "test", "-c", CONFIG,
+        "--model.init_args.diffusion_path", str(tiny_dir / "instruct-pix2pix"),
+        "--model.init_args.num_inference_steps", "2",
+        "--model.init_args.extra_metrics", "[VIEScore]",
+        "--model.init_args.metric_kwargs", json.dumps(unreachable),
+        "--data.init_args.root", str(root),
+        "--data.init_args.num_train", "2", "--data.init_args.num_val", "2",
+        "--data.init_args.num_test", str(NUM_TEST), "--data.init_args.batch_size", "2",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(save),
+    ]  # fmt: skip
+    assert main(args) == 0
+    (folder,) = sorted(save.glob("tiny_inspix2pix/version_*"))
+    printed = capsys.readouterr().out
+    assert f"VIEScore: judged offline from this run's bundle: python -m editbench judge --bundle {folder}" in printed
+    document = json.loads((folder / "test_metrics.json").read_text())
+    assert document["protocol"]["judged_offline"] == ["VIEScore"]
+    assert not any("VIEScore" in key for key in document["metrics"])
+    assert "L1" in document["protocol"]["columns"]
+
+    by_hash = ids_by_hash(folder)
+    stub = StubJudge(lambda images: by_hash.get(pixel_hash(images[-1])), default=answer([6, 8]))
+    with serve(stub):
+        assert main(judge_args(folder, stub.url, tmp_path / "cache")) == 0
+    capsys.readouterr()
+    assert main(["report", str(folder), "--out", str(tmp_path / "report")]) == 0
+    report = capsys.readouterr().out
+    lines = [line for line in report.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("| ").split("|")]
+    row = [c.strip() for c in lines[1].strip("| ").split("|")]
+    column = next(i for i, name in enumerate(header) if name.endswith("VIEScore_O↑"))
+    assert any(name.endswith("L1↓") for name in header)
+    assert row[column].split()[0] == "6.00"  # SC = min(6, 8) = PQ = 6, O = sqrt(6 * 6)
+
+    only_judge = list(args)
+    only_judge[only_judge.index("--model.init_args.extra_metrics")] = "--model.init_args.metrics"
+    with pytest.raises(ValueError, match="judged offline"):
+        main(only_judge)

@@ -79,11 +79,27 @@ def test_understanding_scenarios_are_the_five_folders_in_order(root):
     assert sample["instruction"] == "change thing 2 of 3-Mirror"
     assert sample["goal_caption"] == "a changed thing 2"
     assert sample["category"] == "3-Mirror"
+    # the release's scoring frame: the input PIL-bicubic to 256, the JPEG mask's grey levels
+    # (convert("L")) nearest to 256, and the suite's binary mask of those
+    resized = Image.fromarray(image("3-Mirror", 2)).resize((256, 256), Image.BICUBIC)
     native = sample["source_native"].permute(1, 2, 0).numpy()
-    np.testing.assert_array_equal(native, image("3-Mirror", 2))  # PNG: lossless, native size
-    np.testing.assert_array_equal(sample["mask_native"][0].numpy(), mask(2) // 255)
+    np.testing.assert_array_equal(native, np.asarray(resized))
+    with Image.open(root / "3-Mirror" / "120_mask.jpg") as opened:
+        grey = np.asarray(opened.convert("L").resize((256, 256), Image.NEAREST))
+    np.testing.assert_array_equal(sample["mask_grey_native"][0].numpy(), grey)
+    np.testing.assert_array_equal(sample["mask_native"][0].numpy(), grey >= 128)
+    assert ((grey > 0) & (grey < 255)).any()  # JPEG edge levels, kept for the release's rule
     assert sample["source"].shape == (3, 32, 32) and sample["mask"].shape == (1, 32, 32)
     assert "target" not in sample
+
+    native = reason_edit(root, metrics_size=None).datasets["test"][5]  # native sizes kept
+    np.testing.assert_array_equal(
+        native["source_native"].permute(1, 2, 0).numpy(), image("3-Mirror", 2)
+    )  # PNG: lossless
+    np.testing.assert_array_equal(native["mask_native"][0].numpy(), mask(2) // 255)
+    assert native["mask_grey_native"].shape == (1, 48, 40)
+    with pytest.raises(ValueError, match="eval_resize must be 'resize'"):
+        ReasonEditDataModule(str(root), eval_resize="pad")
 
 
 def test_reasoning_scenario_and_release_output_names(root):
@@ -185,13 +201,13 @@ def test_undecodable_image_is_named(root):
 @pytest.mark.parametrize("name", ["reason-edit-understanding", "reason-edit-reasoning"])
 def test_protocols_match_the_release_and_insightedits_table(name):
     protocol = get_protocol(name)
-    assert protocol.columns == ("PSNR", "SSIM", "LPIPS", "CTS")
+    assert protocol.columns == ("PSNR_bg", "SSIM_bg", "LPIPS_bg", "MSE_bg", "CLIPScore_box")
     assert protocol.reference == "source"  # no ground-truth edits in the release
     assert protocol.backbones == {"clip": "clip-vit-large-patch14"}  # CLIPScore ViT-L/14
-    assert protocol.metric_kwargs == {"LPIPS": {"net": "squeeze"}}
-    # CLIPScore is 100 x cos; InsightEdit prints VIEScore on 0-1 (the suite's 0-10 x 0.1)
-    assert protocol.scale_of("CTS") == 100 and protocol.scale_of("VIEScore_O") == 0.1
-    assert protocol.scale_of("PSNR") == protocol.scale_of("SSIM") == 1
+    assert protocol.metric_kwargs["LPIPS_bg"] == {"net": "squeeze"}
+    # CLIPScore_box is already 100 x cos; InsightEdit prints VIEScore on 0-1 (0-10 x 0.1)
+    assert protocol.scale_of("CLIPScore_box") == 1 and protocol.scale_of("VIEScore_O") == 0.1
+    assert protocol.scale_of("PSNR_bg") == protocol.scale_of("SSIM_bg") == 1
     table = PUBLISHED_TABLES["insightedit-reason-edit"]
     assert {d for row in table.values() for d in row} == {
         "reason-edit-understanding",
@@ -260,21 +276,32 @@ def test_cli_test_writes_the_protocols_metrics(tiny_dir, tmp_path):
     (folder,) = sorted(save.glob("quickstart/version_*"))
     document = json.loads((folder / "test_metrics.json").read_text())
     assert document["dataset"] == "reason-edit-reasoning"
-    assert document["protocol"]["columns"] == ["PSNR", "SSIM", "LPIPS", "CTS"]
+    columns = ["PSNR_bg", "SSIM_bg", "LPIPS_bg", "MSE_bg", "CLIPScore_box"]
+    assert document["protocol"]["columns"] == columns
     assert document["protocol"]["num_samples"] == 2
-    for column in document["protocol"]["columns"]:
+    for column in columns:
         assert math.isfinite(document["metrics"][f"test/{column}"]), column
     assert not any(k.startswith("test/copy/") for k in document["metrics"])  # no copy baseline
-    # PSNR = mean over images of 10 log10(1 / MSE) of the edit (the bundle's 8-bit PNG at the
-    # model's 32 px, brought to the input's 40x48 by PIL bicubic) against the input, on [0, 1]
+    # PSNR_bg by SmartEdit's rule, from the bundle's files: the 8-bit edit PNG (the model's
+    # 32 px) and the input PIL-bicubic to 256, both times 1 - mask/255 with the JPEG mask's grey
+    # levels (convert("L"), nearest to 256), 10 log10(1 / MSE) over the whole 256 frame
     psnr = []
     for index, stem in enumerate(("003", "017")):
         edit = Image.open(folder / image_name(f"reason-edit/6-Reasoning/{stem}")).convert("RGB")
         assert edit.size == (32, 32)
-        edit = np.asarray(edit.resize((40, 48), Image.Resampling.BICUBIC), np.float64) / 255
-        mse = ((edit - image("6-Reasoning", index) / 255) ** 2).mean()
+        edit = np.asarray(edit.resize((256, 256), Image.Resampling.BICUBIC), np.float64) / 255
+        source = Image.fromarray(image("6-Reasoning", index)).resize((256, 256), Image.BICUBIC)
+        source = np.asarray(source, np.float64) / 255
+        with Image.open(root / "6-Reasoning" / f"{stem}_mask.jpg") as opened:
+            grey = np.asarray(opened.convert("L").resize((256, 256), Image.NEAREST), np.float64)
+        background = (1 - grey / 255)[..., None]
+        mse = (((edit - source) * background) ** 2).mean()
         psnr.append(10 * math.log10(1 / mse))
-    assert document["metrics"]["test/PSNR"] == pytest.approx(np.mean(psnr), abs=1e-3)
+    assert document["metrics"]["test/PSNR_bg"] == pytest.approx(np.mean(psnr), abs=1e-3)
+    rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+    per_image = [r["value"] for r in rows if r["metric"] == "PSNR_bg"]
+    assert per_image == pytest.approx(psnr, abs=1e-3)  # ids sort as 003, 017
+    assert {r["metric"] for r in rows} == set(columns)
     inputs = [json.loads(line) for line in (folder / "inputs.jsonl").read_text().splitlines()]
     assert [r["id"] for r in inputs] == [
         "reason-edit/6-Reasoning/003",
