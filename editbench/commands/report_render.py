@@ -142,10 +142,12 @@ def _protocol_notes(report: Report) -> list[str]:
         parts = [
             fmt.format(protocol[k]) for k, fmt in _DATASET_FIELDS if protocol.get(k) is not None
         ]
+        described: dict[str, list[str]] = {}  # one note for metrics described alike (a judge)
         for column in columns:
             entry = metric_entry(report.references[column].protocol.get("metrics"), column[1])
             if entry is not MISSING:
-                parts.append(f"{column[1]}: {_backbone_text(entry)}")
+                described.setdefault(_backbone_text(entry), []).append(column[1])
+        parts += [f"{', '.join(names)}: {text}" for text, names in described.items()]
         title = DATASET_TITLES.get(dataset, dataset)
         lines.append(f"{title}: " + "; ".join(parts))
     return lines

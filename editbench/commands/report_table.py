@@ -18,15 +18,26 @@ from editbench.commands.report_protocol import (
     reference_run,
 )
 from metrics.published import PUBLISHED_TABLES, TABLE_SCALES
+from metrics.published_benchmarks import IMGEDIT_TYPES
 
-#: Dataset order of MGIE's tables; other datasets follow alphabetically.
-DATASET_ORDER = ("evr", "gier", "ma5k", "magicbrush")
+#: Dataset order of MGIE's tables, then InsightEdit's Reason-Edit columns (Understanding before
+#: Reasoning, as it prints them); other datasets follow alphabetically.
+DATASET_ORDER = (
+    "evr",
+    "gier",
+    "ma5k",
+    "magicbrush",
+    "reason-edit-understanding",
+    "reason-edit-reasoning",
+)
 DATASET_TITLES = {
     "evr": "EVR",
     "gier": "GIER",
     "ma5k": "MA5k",
     "magicbrush": "MagicBrush",
     "advancededit": "AdvancedEdit-Eval",
+    "reason-edit-understanding": "Reason-Edit (Understanding)",
+    "reason-edit-reasoning": "Reason-Edit (Reasoning)",
 }
 
 #: +1: higher is better, -1: lower is better. Metrics not listed are not ranked.
@@ -45,6 +56,12 @@ DIRECTIONS: dict[str, int] = {
     "VIEScore_SC": 1,
     "VIEScore_PQ": 1,
     "VIEScore_O": 1,
+    **{f"ImgEdit_{kind}": 1 for kind in IMGEDIT_TYPES.values()},
+    "PSNR_bg": 1,
+    "SSIM_bg": 1,
+    "LPIPS_bg": -1,
+    "MSE_bg": -1,
+    "CLIPScore_box": 1,
 }
 
 PUBLISHED_LABEL = "(paper)"

@@ -126,8 +126,8 @@ def test_imgedit_judge_only_failed_and_published_report(tested, tmp_path, monkey
         if line.startswith("|") and len(cells) > 1:
             table[cells[0]] = cells[1:]
     header = table["Model"]
-    add = header.index("imgedit ImgEdit_add")
-    style = header.index("imgedit ImgEdit_style")
+    add = header.index("imgedit ImgEdit_add↑")
+    style = header.index("imgedit ImgEdit_style↑")
     # ImgEdit v1 Table 4, Instruct-Pix2Pix: Addition 2.29, Style Transfer 3.54.
     paper = table["Instruct-Pix2Pix (paper)"]
     assert (paper[add], paper[style]) == ("2.29", "3.54")
