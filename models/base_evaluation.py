@@ -180,6 +180,11 @@ class EvaluationMixin:
             judged = list(getattr(self, "_judged_offline", []))
             if judged:
                 document["protocol"]["judged_offline"] = judged
+                # The judge settings the run was configured with (an env var NAME, never a key):
+                # `editbench judge` takes them as its defaults.
+                document["protocol"]["judge_settings"] = {
+                    name: dict(self.metric_kwargs.get(name) or {}) for name in judged
+                }
             self._report(document, run["log_dir"])
             if run["log_dir"] is not None:
                 if inputs:

@@ -10,6 +10,10 @@ prompts, not comparable with published numbers); ImgEdit: the release's ``prompt
 (required; not shipped). ``--preset viescore-release`` / ``imgedit-release`` take the release's
 judge settings.
 
+VIEScore settings not given as flags default to those the run was configured with
+(``model.init_args.metric_kwargs.VIEScore``, which ``test`` records in ``test_metrics.json`` as
+``protocol.judge_settings``; it names the API key's variable, never the key).
+
 Writes ``judge.jsonl``, the judged rows of ``samples.jsonl`` and ``judge_metrics.json`` into the
 bundle and rehashes its manifest; ``--only-failed`` asks again only the failed judgements. The
 exit status is 1 when failures remain (their count is printed), 2 on bad input.
@@ -100,14 +104,68 @@ def make_judge(args: argparse.Namespace) -> OpenAIJudge | LocalJudge:
     return judge
 
 
+#: judge flag -> the VIEScore argument (``model.init_args.metric_kwargs.VIEScore`` of the run,
+#: recorded as ``protocol.judge_settings.VIEScore``) it defaults to when not given.
+CONFIG_FLAGS = {
+    "model": "model",
+    "base_url": "base_url",
+    "api_key_env": "api_key_env",
+    "local": "model_path",
+    "prompts_path": "prompts_path",
+    "preset": "preset",
+    "temperature": "temperature",
+    "max_tokens": "max_new_tokens",
+    "image_size": "image_size",
+    "image_format": "image_format",
+    "timeout": "timeout",
+    "max_retries": "max_retries",
+    "retry_delay": "retry_delay",
+    "num_threads": "num_threads",
+    "cache_dir": "cache_dir",
+    "dtype": "judge_dtype",
+}
+
+
+def _protocol(folder: str | Path) -> dict:
+    path = Path(folder) / RESULTS
+    if not path.is_file():
+        raise BundleError(f"{path} is missing: not a test run's result bundle")
+    return json.loads(path.read_text()).get("protocol") or {}
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options written on the command line."""
+    return {
+        action.dest
+        for action in parser._actions
+        for option in action.option_strings
+        if any(arg == option or arg.startswith(option + "=") for arg in argv)
+    }
+
+
+def apply_run_settings(args: argparse.Namespace, given: set[str]) -> dict:
+    """Fill the flags not given from the VIEScore settings the run was configured with
+    (``protocol.judge_settings.VIEScore`` in ``test_metrics.json``); returns those used."""
+    settings = (_protocol(args.bundle).get("judge_settings") or {}).get("VIEScore") or {}
+    used = {}
+    for flag, key in CONFIG_FLAGS.items():
+        if flag in given or key not in settings:
+            continue
+        value = settings[key]
+        if flag == "local" and settings.get("backend", "openai") != "local":
+            continue
+        setattr(args, flag, 0 if flag == "image_size" and value is None else value)
+        used[flag] = value
+    if settings.get("use_cache") is False and "no_cache" not in given:
+        args.no_cache = used["no_cache"] = True
+    return used
+
+
 def bundle_scheme(folder: str | Path) -> str:
     """The scheme the bundle's protocol names (``judge: imgedit`` -> imgedit, else viescore)."""
     from metrics.protocols import get_protocol
 
-    path = Path(folder) / RESULTS
-    if not path.is_file():
-        raise BundleError(f"{path} is missing: not a test run's result bundle")
-    name = (json.loads(path.read_text()).get("protocol") or {}).get("name")
+    name = _protocol(folder).get("name")
     try:
         judge = get_protocol(str(name)).judge
     except ValueError:
@@ -135,8 +193,15 @@ def load_prompts(args: argparse.Namespace) -> PromptSet | ImgEditPrompts:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        scheme = args.scheme or bundle_scheme(args.bundle)
+        if scheme == "viescore":
+            used = apply_run_settings(args, given_flags(parser, argv))
+            if used:
+                shown = ", ".join(f"{k} {v!r}" for k, v in used.items())
+                print(f"judge settings from the run's config (metric_kwargs.VIEScore): {shown}")
         prompts = load_prompts(args)
         judge = make_judge(args)
         cache = None if args.no_cache else AnswerCache(args.cache_dir)

@@ -15,8 +15,10 @@ from editbench.commands.report_load import MISSING, Run
 #: Keys of ``protocol`` that record where a number came from, not how it was measured.
 PROVENANCE_KEYS = frozenset({"seed", "editbench_version", "git_commit"})
 
-#: Keys of ``protocol`` holding one entry per metric: a column compares only its metric's entry.
-PER_METRIC_KEYS = ("metrics", "scale", "columns")
+#: Keys of ``protocol`` holding one entry per metric: a column compares only its metric's entry
+#: (the judge metrics ``test`` left to ``editbench judge``, and their configured settings, are
+#: compared through the judge's own description once judged).
+PER_METRIC_KEYS = ("metrics", "scale", "columns", "judged_offline", "judge_settings")
 
 Column = tuple[str, str]  # (dataset, metric)
 

@@ -201,6 +201,15 @@ def test_test_leaves_viescore_to_the_offline_judge(tiny_dir, tmp_path, monkeypat
     assert f"VIEScore: judged offline from this run's bundle: python -m editbench judge --bundle {folder}" in printed
     document = json.loads((folder / "test_metrics.json").read_text())
     assert document["protocol"]["judged_offline"] == ["VIEScore"]
+    assert document["protocol"]["judge_settings"] == unreachable  # no key: a variable's name
+
+    # Without flags, the judge takes the run's configured settings: this endpoint needs the
+    # key the environment lacks, and the error names its variable.
+    assert main(["judge", "--bundle", str(folder), "--no_cache"]) == 2
+    captured = capsys.readouterr()
+    assert "judge settings from the run's config" in captured.out
+    assert "https://judge.invalid/v1" in captured.out
+    assert "EDITBENCH_UNSET_KEY" in captured.err
     assert not any("VIEScore" in key for key in document["metrics"])
     assert "L1" in document["protocol"]["columns"]
 
