@@ -20,10 +20,13 @@ error naming the shard and row.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from .base import EditDataModule
 from .hf_table import TableDataset, check_unique, open_tables, read_columns, table_files
+
+log = logging.getLogger(__name__)
 
 DATASET = "emu_edit"
 TEXT_COLUMNS = ("instruction", "task", "input_caption", "output_caption")
@@ -44,6 +47,11 @@ class EmuEditDataModule(EditDataModule):
             "validation" (2,022).
         files: glob of the shards relative to ``root`` (default ``data/<emu_split>-*.parquet``).
         cache_dir: where ``datasets`` keeps the Arrow copies of the shards.
+        skip_identical_captions: leave out the rows whose ``output_caption`` equals their
+            ``input_caption`` (CLIP direction is undefined there, and CLIP-T then scores the
+            unedited caption; ICEdit's evaluation drops them, issue River-Zhang/ICEdit#69).
+            Off by default (the card's rows as released); the count left out is logged and
+            kept in ``skipped_rows``.
         **kwargs: the shared :class:`EditDataModule` fields.
     """
 
@@ -57,6 +65,7 @@ class EmuEditDataModule(EditDataModule):
         emu_split: Literal["test", "validation"] = "test",
         files: str | None = None,
         cache_dir: str | None = None,
+        skip_identical_captions: bool = False,
         random_flip: float = 0.0,
         **kwargs,
     ) -> None:
@@ -66,7 +75,9 @@ class EmuEditDataModule(EditDataModule):
         self.emu_split = emu_split
         self.files = files or f"data/{emu_split}-*.parquet"
         self.cache_dir = cache_dir
-        self.published_counts = {"test": CARD_COUNTS[emu_split]}
+        self.skip_identical_captions = skip_identical_captions
+        self.skipped_rows: list[str] = []
+        self.published_counts = None if skip_identical_captions else {"test": CARD_COUNTS[emu_split]}
         self._tables: list[tuple[str, Any]] | None = None
 
     def tables(self) -> list[tuple[str, Any]]:
@@ -100,6 +111,16 @@ class EmuEditDataModule(EditDataModule):
                     }
                 )
         check_unique(records, "Emu Edit")
+        if self.skip_identical_captions:
+            kept = [r for r in records if r["goal_caption"].strip() != r["source_caption"].strip()]
+            self.skipped_rows = sorted({r["id"] for r in records} - {r["id"] for r in kept})
+            log.info(
+                "Emu Edit: left out %d of %d rows whose output caption equals the input caption "
+                "(skip_identical_captions)",
+                len(self.skipped_rows),
+                len(records),
+            )
+            records = kept
         return records
 
     def dataset_kwargs(self, split: str) -> dict[str, Any]:

@@ -90,6 +90,18 @@ def test_emu_edit_validation_split_and_only_test(emu_root, tmp_path):
         dm.build_records("train")
 
 
+def test_emu_edit_skips_identical_captions_only_when_asked(tmp_path):
+    root = write_emu_edit(tmp_path / "emu", num_rows=6, num_shards=2, identical_captions=(1, 4))
+    kept = emu(root, tmp_path / "a")
+    assert len(kept.datasets["test"].records) == 6 and kept.skipped_rows == []
+    dm = emu(root, tmp_path / "b", skip_identical_captions=True)
+    assert [r["id"] for r in dm.datasets["test"].records] == [
+        f"emu_edit/{i}" for i in (0, 2, 3, 5)
+    ]
+    assert dm.skipped_rows == ["emu_edit/1", "emu_edit/4"]
+    assert dm.published_counts is None  # no longer the card's count
+
+
 def test_emu_edit_bad_row_is_named(emu_root, tmp_path):
     root = tmp_path / "bad"
     write_emu_edit(root, num_rows=4, num_shards=1)
