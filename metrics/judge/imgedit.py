@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metrics.judge.prompts import JudgeError, snippet
+from metrics.judge.prompts import JudgeError, describe_prompts, snippet
 
 #: The record kind of an ImgEdit judgement (one question per image).
 IMGEDIT_KIND = "ImgEdit"
@@ -87,11 +87,7 @@ class ImgEditPrompts:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able record for the provenance (name, hash, file and its hash)."""
-        record: dict[str, Any] = {"prompt_set": self.name, "prompt_sha256": self.sha256}
-        if self.path is not None:
-            record["prompts_path"] = self.path
-            record["prompt_files"] = dict(self.files)
-        return record
+        return describe_prompts(self)
 
 
 def _prompts_file(path: Path) -> Path:

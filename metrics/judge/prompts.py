@@ -121,11 +121,17 @@ class PromptSet:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able record for the provenance (name, hash, folder and file hashes)."""
-        record: dict[str, Any] = {"prompt_set": self.name, "prompt_sha256": self.sha256}
-        if self.path is not None:
-            record["prompts_path"] = self.path
-            record["prompt_files"] = dict(self.files)
-        return record
+        return describe_prompts(self)
+
+
+def describe_prompts(prompts: Any) -> dict[str, Any]:
+    """The provenance of a prompt set (its ``name``, ``sha256``, and the ``path`` and ``files``
+    with their hashes it was read from, where it was read)."""
+    record: dict[str, Any] = {"prompt_set": prompts.name, "prompt_sha256": prompts.sha256}
+    if prompts.path is not None:
+        record["prompts_path"] = prompts.path
+        record["prompt_files"] = dict(prompts.files)
+    return record
 
 
 BUILTIN = PromptSet(
@@ -343,6 +349,7 @@ __all__ = [
     "JudgeError",
     "PromptSet",
     "apply_preset",
+    "describe_prompts",
     "load_prompt_set",
     "parse_scores",
     "prompt_set",
