@@ -199,7 +199,7 @@ editbench's own subcommands (each has --help):
   report      aggregate test_metrics.json of several runs into the paper's table layout
   demo        an interactive editing page (Gradio) for a checkpoint or config, on localhost
   export      a checkpoint's trained parts as safetensors + export.json (what, from which bases)
-  judge       VIEScore of a test run's result bundle by an MLLM judge, offline (judge.jsonl)
+  judge       VIEScore or ImgEdit's judge of a test run's result bundle, offline (judge.jsonl)
   memory      estimated training memory per GPU of a config; the memory presets' table
 """
 
