@@ -61,7 +61,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from .base import EditDataModule
-from .hf_table import TableDataset, open_tables, table_files
+from .hf_table import TableDataset, check_unique, open_tables, table_files
 from .sampling import EvalDistributedSampler, process_layout
 
 log = logging.getLogger(__name__)
@@ -357,12 +357,7 @@ class MagicBrushDataModule(EditDataModule):
             records = self._test_records()
         else:
             raise ValueError(f"unknown split {split!r} (train, val or test)")
-        counts: dict[str, int] = {}
-        for record in records:
-            counts[record["id"]] = counts.get(record["id"], 0) + 1
-        duplicates = sorted(i for i, n in counts.items() if n > 1)
-        if duplicates:
-            raise ValueError(f"duplicate MagicBrush ids in split {split!r}: {duplicates}")
+        check_unique(records, f"MagicBrush (split {split!r})")
         return records
 
     def eval_groups(self, split: str) -> list | None:

@@ -30,7 +30,13 @@ from pathlib import Path
 from metrics.bundle import RESULTS, BundleError
 from metrics.judge.cache import DEFAULT_CACHE_DIR, AnswerCache
 from metrics.judge.imgedit import IMGEDIT_PRESETS, ImgEditPrompts, load_imgedit_prompts
-from metrics.judge.judges import BASE_URL_ENV, DEFAULT_BASE_URL, LocalJudge, OpenAIJudge
+from metrics.judge.judges import (
+    BASE_URL_ENV,
+    DEFAULT_BASE_URL,
+    LocalJudge,
+    OpenAIJudge,
+    build_judge,
+)
 from metrics.judge.metric import DEFAULTS
 from metrics.judge.offline import judge_bundle
 from metrics.judge.prompts import JUDGE_PRESETS, PromptSet, apply_preset, prompt_set
@@ -87,19 +93,22 @@ def make_judge(args: argparse.Namespace) -> OpenAIJudge | LocalJudge:
         "image_format": args.image_format,
     }
     settings = apply_preset(args.preset, given, DEFAULTS, PRESETS)
-    common = {
-        "temperature": settings["temperature"],
-        "image_size": settings["image_size"],
-        "image_format": settings["image_format"],
-        "max_retries": args.max_retries,
-        "seed": args.seed,
-    }
-    if args.local:
-        return LocalJudge(args.local, device=args.device, dtype=args.dtype,
-                          max_new_tokens=settings["max_new_tokens"], **common)  # fmt: skip
-    base_url = args.base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
-    judge = OpenAIJudge(settings["model"], base_url, args.api_key_env, timeout=args.timeout,
-                        max_tokens=settings["max_new_tokens"], **common)  # fmt: skip
+    judge = build_judge(
+        settings["backend"],
+        model=settings["model"],
+        base_url=args.base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL,
+        api_key_env=args.api_key_env,
+        model_path=args.local,
+        timeout=args.timeout,
+        max_retries=args.max_retries,
+        temperature=settings["temperature"],
+        max_new_tokens=settings["max_new_tokens"],
+        image_size=settings["image_size"],
+        image_format=settings["image_format"],
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+    )
     judge.check_key()
     return judge
 
@@ -143,10 +152,10 @@ def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     }
 
 
-def apply_run_settings(args: argparse.Namespace, given: set[str]) -> dict:
+def apply_run_settings(args: argparse.Namespace, given: set[str], protocol: dict) -> dict:
     """Fill the flags not given from the VIEScore settings the run was configured with
-    (``protocol.judge_settings.VIEScore`` in ``test_metrics.json``); returns those used."""
-    settings = (_protocol(args.bundle).get("judge_settings") or {}).get("VIEScore") or {}
+    (``protocol.judge_settings.VIEScore`` of its ``test_metrics.json``); returns those used."""
+    settings = (protocol.get("judge_settings") or {}).get("VIEScore") or {}
     used = {}
     for flag, key in CONFIG_FLAGS.items():
         if flag in given or key not in settings:
@@ -161,11 +170,11 @@ def apply_run_settings(args: argparse.Namespace, given: set[str]) -> dict:
     return used
 
 
-def bundle_scheme(folder: str | Path) -> str:
-    """The scheme the bundle's protocol names (``judge: imgedit`` -> imgedit, else viescore)."""
+def bundle_scheme(protocol: dict) -> str:
+    """The scheme the run's protocol names (``judge: imgedit`` -> imgedit, else viescore)."""
     from metrics.protocols import get_protocol
 
-    name = _protocol(folder).get("name")
+    name = protocol.get("name")
     try:
         judge = get_protocol(str(name)).judge
     except ValueError:
@@ -173,10 +182,8 @@ def bundle_scheme(folder: str | Path) -> str:
     return "imgedit" if judge == "imgedit" else "viescore"
 
 
-def load_prompts(args: argparse.Namespace) -> PromptSet | ImgEditPrompts:
-    """The prompts of the scheme asked for (``--scheme``, else the bundle's protocol's); a
-    preset of the other scheme is an error naming both."""
-    scheme = args.scheme or bundle_scheme(args.bundle)
+def load_prompts(args: argparse.Namespace, scheme: str) -> PromptSet | ImgEditPrompts:
+    """The prompts of ``scheme``; a preset of the other scheme is an error naming both."""
     if args.preset is not None and PRESET_SCHEMES[args.preset] != scheme:
         raise ValueError(
             f"--preset {args.preset} is {PRESET_SCHEMES[args.preset]}'s judge, but this bundle "
@@ -196,13 +203,16 @@ def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        scheme = args.scheme or bundle_scheme(args.bundle)
+        # The run's protocol (test_metrics.json) names the scheme and the configured judge;
+        # ImgEdit's judge has no configured settings to read.
+        protocol = {} if args.scheme == "imgedit" else _protocol(args.bundle)
+        scheme = args.scheme or bundle_scheme(protocol)
         if scheme == "viescore":
-            used = apply_run_settings(args, given_flags(parser, argv))
+            used = apply_run_settings(args, given_flags(parser, argv), protocol)
             if used:
                 shown = ", ".join(f"{k} {v!r}" for k, v in used.items())
                 print(f"judge settings from the run's config (metric_kwargs.VIEScore): {shown}")
-        prompts = load_prompts(args)
+        prompts = load_prompts(args, scheme)
         judge = make_judge(args)
         cache = None if args.no_cache else AnswerCache(args.cache_dir)
         result = judge_bundle(

@@ -435,6 +435,52 @@ class LocalJudge:
 
 Judge = OpenAIJudge | LocalJudge
 
+
+def build_judge(
+    backend: str,
+    *,
+    model: str,
+    base_url: str,
+    api_key_env: str,
+    model_path: str | Path | None,
+    timeout: float,
+    max_retries: int,
+    temperature: float | None,
+    max_new_tokens: int | None,
+    image_size: int | None,
+    image_format: str,
+    seed: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+) -> OpenAIJudge | LocalJudge:
+    """The judge of ``backend`` (``"local"``: the LLaVA folder ``model_path``; else the endpoint
+    ``base_url``) with these settings: what the in-test VIEScore and ``editbench judge`` ask."""
+    if backend == "local":
+        return LocalJudge(
+            model_path,  # type: ignore[arg-type]
+            device=device,
+            dtype=dtype,
+            max_new_tokens=max_new_tokens,  # type: ignore[arg-type]
+            temperature=temperature,
+            max_retries=max_retries,
+            image_size=image_size,
+            image_format=image_format,
+            seed=seed,
+        )
+    return OpenAIJudge(
+        model,
+        base_url,
+        api_key_env,
+        timeout=timeout,
+        max_retries=max_retries,
+        temperature=temperature,
+        max_tokens=max_new_tokens,
+        image_format=image_format,
+        image_size=image_size,
+        seed=seed,
+    )
+
+
 __all__ = [
     "BASE_URL_ENV",
     "DEFAULT_BASE_URL",
@@ -442,6 +488,7 @@ __all__ = [
     "LocalJudge",
     "OpenAIJudge",
     "Reply",
+    "build_judge",
     "chat_messages",
     "generate_answer",
     "is_local_url",

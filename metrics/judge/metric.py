@@ -49,6 +49,7 @@ from metrics.judge.judges import (
     DEFAULT_BASE_URL,
     LocalJudge,
     OpenAIJudge,
+    build_judge,
     public_url,
 )
 from metrics.judge.prompts import PromptSet, apply_preset, prompt_set, snippet
@@ -257,26 +258,19 @@ class VIEScore(Metric):
         self._seen += len(instructions)
 
     def _make_judge(self) -> OpenAIJudge | LocalJudge:
-        if self.backend == "local":
-            return LocalJudge(
-                self.model_path,
-                dtype=self.judge_dtype,
-                max_new_tokens=self.max_new_tokens,
-                temperature=self.temperature,
-                max_retries=self.max_retries,
-                image_size=self.image_size,
-                image_format=self.image_format,
-            )
-        return OpenAIJudge(
-            self.model,
-            self.base_url,
-            self.api_key_env,
+        return build_judge(
+            self.backend,
+            model=self.model,
+            base_url=self.base_url,
+            api_key_env=self.api_key_env,
+            model_path=self.model_path,
             timeout=self.timeout,
             max_retries=self.max_retries,
             temperature=self.temperature,
-            max_tokens=self.max_new_tokens,
-            image_format=self.image_format,
+            max_new_tokens=self.max_new_tokens,
             image_size=self.image_size,
+            image_format=self.image_format,
+            dtype=self.judge_dtype,
         )
 
     def _requests(self, source: Tensor, preds: Tensor, instructions: list[str]) -> list[Request]:

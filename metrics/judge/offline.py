@@ -51,7 +51,7 @@ from metrics.judge.imgedit import ImgEditPrompts
 from metrics.judge.judges import Judge
 from metrics.judge.prompts import PromptSet
 from metrics.judge.record import RECORDS, JudgeRecord, read_records, write_records
-from metrics.judge.schemes import SampleResult, Scheme, VIEScoreScheme, scheme_for
+from metrics.judge.schemes import Question, SampleResult, Scheme, VIEScoreScheme, scheme_for
 
 JUDGE_METRICS = "judge_metrics.json"
 JUDGE_FORMAT = "editbench.judge_metrics/1"
@@ -100,9 +100,9 @@ def _requests(
     folder: Path,
     bundle: Bundle,
     inputs: dict[str, dict],
+    questions: dict[str, list[Question]],
     todo: set[tuple[str, str]],
     judge: Judge,
-    scheme: Scheme,
 ) -> list[Request]:
     requests = []
     loaded: dict[tuple[str, str], tuple[Any, bytes]] = {}
@@ -113,8 +113,8 @@ def _requests(
             loaded[(sample, kind)] = (picture, encode_image(picture, judge.image_format))
         return loaded[(sample, kind)]
 
-    for sample in sorted(inputs):
-        for question in scheme.questions(sample, inputs[sample]):
+    for sample, asked in questions.items():
+        for question in asked:
             if (sample, question.kind) not in todo:
                 continue
             pictures = [image(sample, kind) for kind in question.images]
@@ -230,9 +230,10 @@ def judge_bundle(
     inputs = read_inputs(folder)
     ids = sorted(inputs)
     kept = _kept_records(folder, inputs, judge, scheme) if only_failed else {}
-    order = [(i, q.kind) for i in ids for q in scheme.questions(i, inputs[i])]
+    questions = {i: scheme.questions(i, inputs[i]) for i in ids}
+    order = [(i, q.kind) for i in ids for q in questions[i]]
     todo = {key for key in order if key not in kept}
-    requests = _requests(folder, bundle, inputs, todo, judge, scheme)
+    requests = _requests(folder, bundle, inputs, questions, todo, judge)
     outcomes = (
         answer_requests(
             judge, scheme.prompts, requests, cache, num_threads=num_threads, retry_delay=retry_delay
