@@ -28,7 +28,6 @@ through the ``openai`` client; ``"local"``: a transformers LLaVA folder):
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -53,6 +52,7 @@ from metrics.judge.judges import (
     public_url,
 )
 from metrics.judge.prompts import PromptSet, apply_preset, prompt_set, snippet
+from metrics.judge.record import viescore
 
 Backend = Literal["openai", "local"]
 _BACKENDS = ("openai", "local")
@@ -322,8 +322,8 @@ class VIEScore(Metric):
             if sc_out.scores is None or pq_out.scores is None:
                 failed += 1
                 continue
-            sc, pq = min(sc_out.scores), min(pq_out.scores)
-            sc_sum, pq_sum, o_sum = sc_sum + sc, pq_sum + pq, o_sum + math.sqrt(sc * pq)
+            sc, pq, o = viescore(sc_out.scores, pq_out.scores)
+            sc_sum, pq_sum, o_sum = sc_sum + sc, pq_sum + pq, o_sum + o
             scored += 1
         self.sum_sc += sc_sum
         self.sum_pq += pq_sum

@@ -105,6 +105,13 @@ class SampleScore:
         return self.o is None
 
 
+def viescore(sc_scores: Sequence[float], pq_scores: Sequence[float]) -> tuple[float, float, float]:
+    """One image's VIEScore from its two answers: ``SC = min(sc_scores)``,
+    ``PQ = min(pq_scores)``, ``O = sqrt(SC * PQ)``."""
+    sc, pq = min(sc_scores), min(pq_scores)
+    return sc, pq, math.sqrt(sc * pq)
+
+
 def sample_scores(records: Iterable[JudgeRecord], ids: Sequence[str]) -> list[SampleScore]:
     """Per sample of ``ids``: SC = min of the SC scores, PQ = min of the PQ scores,
     O = sqrt(SC * PQ); all None when a record failed or is absent."""
@@ -120,8 +127,7 @@ def sample_scores(records: Iterable[JudgeRecord], ids: Sequence[str]) -> list[Sa
         if problems:
             out.append(SampleScore(sample, None, None, None, "; ".join(problems)))
             continue
-        sc_value, pq_value = min(sc.scores), min(pq.scores)  # type: ignore[union-attr]
-        out.append(SampleScore(sample, sc_value, pq_value, math.sqrt(sc_value * pq_value)))
+        out.append(SampleScore(sample, *viescore(sc.scores, pq.scores)))  # type: ignore[union-attr]
     return out
 
 
@@ -152,5 +158,6 @@ __all__ = [
     "read_records",
     "sample_scores",
     "summarize",
+    "viescore",
     "write_records",
 ]
